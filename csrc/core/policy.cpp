@@ -1,0 +1,66 @@
+#include "core/policy.h"
+
+#include <stdexcept>
+
+namespace flashcomm::core {
+
+const char* strategy_name(Strategy s) {
+  return s == Strategy::kPipelined ? "pipelined" : "sequential";
+}
+
+Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled) {
+  return (enabled && tp > 1 && n_global > threshold) ? Strategy::kPipelined : Strategy::kSequential;
+}
+
+ThresholdTable& ThresholdTable::instance() {
+  static ThresholdTable table;
+  return table;
+}
+
+void ThresholdTable::set(const ShapeKey& key, int64_t threshold) {
+  if (threshold < 0) throw std::invalid_argument("ThresholdTable::set: threshold must be >= 0");
+  std::lock_guard<std::mutex> lock(mu_);
+  table_[key] = threshold;
+}
+
+std::optional<int64_t> ThresholdTable::lookup(const ShapeKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = table_.find(key);
+  if (it == table_.end()) return std::nullopt;
+  return it->second;
+}
+
+void ThresholdTable::clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  table_.clear();
+}
+
+size_t ThresholdTable::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return table_.size();
+}
+
+int64_t resolve_threshold(int64_t threshold, const ShapeKey& key) {
+  if (threshold >= 0) return threshold;
+  return ThresholdTable::instance().lookup(key).value_or(kDefaultThreshold);
+}
+
+namespace {
+std::mutex g_config_mu;
+PipelineConfig g_config;
+}  // namespace
+
+PipelineConfig pipeline_config() {
+  std::lock_guard<std::mutex> lock(g_config_mu);
+  return g_config;
+}
+
+void set_pipeline_config(const PipelineConfig& config) {
+  if (config.max_chunks < 1 || config.min_chunk_rows < 1) {
+    throw std::invalid_argument("set_pipeline_config: max_chunks and min_chunk_rows must be >= 1");
+  }
+  std::lock_guard<std::mutex> lock(g_config_mu);
+  g_config = config;
+}
+
+}  // namespace flashcomm::core

@@ -1,0 +1,72 @@
+// Kernel-strategy policy of the compact ops. Torch-free.
+//
+// Invariant (DESIGN.md section 4): every input of these functions is
+// rank-invariant -- the global token count, the group size, op shapes and the
+// process-wide configuration, which is verified identical across ranks -- so
+// every rank picks the same strategy and issues the same collectives.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace flashcomm::core {
+
+enum class Strategy : int { kSequential = 0, kPipelined = 1 };
+
+const char* strategy_name(Strategy s);
+
+// Threshold used when an op is called with threshold < 0 ("auto") and no
+// tuning-table entry matches its shape. The constant every peer uses.
+inline constexpr int64_t kDefaultThreshold = 1000;
+
+// pipelined iff enabled && tp > 1 && n_global > threshold.
+// `threshold` must already be resolved (>= 0); see resolve_threshold.
+Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled);
+
+// Key of one op shape in the tuning table. `dtype` is a short string such as
+// "float32", "bfloat16" or "int8" so this layer stays torch-free.
+struct ShapeKey {
+  std::string op;
+  int64_t k = 0;
+  int64_t n = 0;
+  int64_t tp = 0;
+  std::string dtype;
+  bool operator<(const ShapeKey& o) const {
+    return std::tie(op, k, n, tp, dtype) < std::tie(o.op, o.k, o.n, o.tp, o.dtype);
+  }
+};
+
+// Process-wide crossover table consulted for threshold < 0. Empty until a
+// tuning table is loaded; thread-safe.
+class ThresholdTable {
+ public:
+  static ThresholdTable& instance();
+  void set(const ShapeKey& key, int64_t threshold);
+  std::optional<int64_t> lookup(const ShapeKey& key) const;
+  void clear();
+  size_t size() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<ShapeKey, int64_t> table_;
+};
+
+// threshold >= 0 is returned unchanged; threshold < 0 means auto: the table's
+// value for `key` if present, else kDefaultThreshold.
+int64_t resolve_threshold(int64_t threshold, const ShapeKey& key);
+
+// Chunking of the pipelined kernels. Part of the configuration that steers the
+// collective pattern, so it must be set identically on every rank.
+struct PipelineConfig {
+  int64_t max_chunks = 4;       // collectives per pipelined call (upper bound)
+  int64_t min_chunk_rows = 16;  // rows of each rank block per chunk (lower bound)
+};
+
+PipelineConfig pipeline_config();
+void set_pipeline_config(const PipelineConfig& config);
+
+}  // namespace flashcomm::core

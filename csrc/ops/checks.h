@@ -1,0 +1,41 @@
+// Argument validation shared by the real kernels and the Meta kernels, so an
+// invalid call fails the same way eagerly and while torch.compile traces.
+// Sizes are read as SymInts: concrete for real tensors, symbolic under tracing
+// (a symbolic equality becomes a deferred runtime assert, not a guard).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+
+namespace flashcomm::ops {
+
+// Largest K for which an int8 x int8 dot product cannot overflow int32:
+// K * 128 * 128 <= 2^31 - 1.
+inline constexpr int64_t kMaxInt8K = 131071;
+
+// Short dtype name used in tuning-table keys ("float32", "bfloat16", ...).
+const char* dtype_key(c10::ScalarType t);
+
+c10::SymInt sym_ceil_div(const c10::SymInt& a, int64_t b);
+
+// gemm_rs / gemm_rs_w8a8: x [n, K], weight [N, K], bias [N]. `w8a8` selects the
+// dtype rules of the quantised op.
+void check_row_parallel(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, bool w8a8);
+
+// ag_gemm / ag_gemm_w8a8: x [c, K] with c == ceil(num_tokens / tp), weight
+// [N_r, K], bias [N_r].
+void check_column_parallel(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const c10::SymInt& num_tokens,
+                           int64_t tp, bool w8a8);
+
+// W8A8 scales. `rows` is the number of local token rows of x (n for gemm_rs,
+// c for ag_gemm), allowed as the length of a per-token input_scale of int8 x.
+void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& weight_scale, const std::optional<at::Tensor>& input_scale,
+                       const std::optional<at::Tensor>& input_zero_point,
+                       c10::ScalarType out_dtype);
+
+}  // namespace flashcomm::ops

@@ -1,0 +1,53 @@
+// Counters and process-wide configuration exposed as ops and C++ API.
+#include <flashcomm/flashcomm.h>
+
+#include "core/policy.h"
+#include "core/stats.h"
+#include "ops/ops.h"
+
+namespace flashcomm {
+
+std::vector<std::pair<std::string, int64_t>> stats() { return core::Stats::instance().snapshot(); }
+
+void reset_stats() { core::Stats::instance().reset(); }
+
+void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows) {
+  TORCH_CHECK(max_chunks >= 1, "set_pipeline_config: max_chunks must be >= 1, got ", max_chunks);
+  TORCH_CHECK(min_chunk_rows >= 1, "set_pipeline_config: min_chunk_rows must be >= 1, got ",
+              min_chunk_rows);
+  core::set_pipeline_config({max_chunks, min_chunk_rows});
+}
+
+namespace ops {
+
+std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op() {
+  std::vector<std::string> names;
+  std::vector<int64_t> counts;
+  for (auto& [name, count] : flashcomm::stats()) {
+    names.push_back(name);
+    counts.push_back(count);
+  }
+  return {names, counts};
+}
+
+void reset_stats_op() { flashcomm::reset_stats(); }
+
+void set_pipeline_config_op(int64_t max_chunks, int64_t min_chunk_rows) {
+  flashcomm::set_pipeline_config(max_chunks, min_chunk_rows);
+}
+
+std::vector<int64_t> get_pipeline_config_op() {
+  const core::PipelineConfig cfg = core::pipeline_config();
+  return {cfg.max_chunks, cfg.min_chunk_rows};
+}
+
+void set_auto_threshold_op(const std::string& op, int64_t k, int64_t n, int64_t tp,
+                           const std::string& dtype, int64_t threshold) {
+  TORCH_CHECK(threshold >= 0, "set_auto_threshold: threshold must be >= 0, got ", threshold);
+  core::ThresholdTable::instance().set({op, k, n, tp, dtype}, threshold);
+}
+
+void clear_auto_thresholds_op() { core::ThresholdTable::instance().clear(); }
+
+}  // namespace ops
+}  // namespace flashcomm

@@ -1,0 +1,86 @@
+// flashcomm C++ API: the compact sequence-parallel ops for engines built on
+// libtorch, without Python. The same functions back the `torch.ops.flashcomm`
+// custom ops (which take a c10d group *name* instead of a group handle).
+//
+// Layout (tp = group size, r = group rank, c = ceil(n / tp)): a token-sharded
+// activation is a compact [c, H] tensor; rank r holds global token rows
+// [r*c, r*c + c) and rows at or past n are zero padding.
+//
+// Every collective-steering decision depends only on rank-invariant values
+// (n, tp, shapes, threshold, enabled), so all ranks issue the same collectives.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <utility>
+#include <vector>
+
+namespace flashcomm {
+
+using GroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+// Default kernel-strategy threshold: pipelined iff n_global > threshold.
+inline constexpr int64_t kDefaultThreshold = 1000;
+
+// Row-parallel GEMM fused with reduce-scatter.
+//   x      [n, K_r]  this rank's input-feature slice (all n tokens)
+//   weight [N, K_r]  nn.Linear layout, same dtype as x
+//   bias   [N]       optional; added exactly once per row (by rank 0, before the
+//                    reduction), so it may be passed on rank 0 only or on all ranks
+// Returns [c, N]: global rows [r*c, r*c + c) of sum_ranks(x_r @ W_r^T) + bias,
+// rows >= n zero. tp == 1 returns [n, N].
+at::Tensor gemm_rs(const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                   int64_t threshold = kDefaultThreshold, bool enabled = true);
+
+// All-gather of token shards fused with a column-parallel GEMM.
+//   x      [c, K]    this rank's token shard, c == ceil(num_tokens / tp)
+//   weight [N_r, K]  this rank's output-feature slice
+//   bias   [N_r]     optional, this rank's slice
+// Returns [num_tokens, N_r] (padding dropped), or with gather_output the
+// output features of all ranks concatenated in rank order: [num_tokens, N_r*tp].
+at::Tensor ag_gemm(const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const GroupPtr& group, int64_t num_tokens,
+                   int64_t threshold = kDefaultThreshold, bool enabled = true,
+                   bool gather_output = false);
+
+// W8A8 gemm_rs. weight int8 [N, K_r]; weight_scale fp32 [N], [N, 1] or [1].
+// x floating point is quantised inside: static per-tensor with input_scale [1]
+// (and optional int32 input_zero_point [1]: asymmetric), dynamic per-token
+// symmetric without it. x int8 requires input_scale ([1] or per-token [n, 1]).
+// int8 x int8 -> int32 accumulation, dequantised in fp32, bias in fp32, output
+// in out_dtype (a floating type). Same output layout as gemm_rs.
+at::Tensor gemm_rs_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& weight_scale,
+                        const std::optional<at::Tensor>& input_scale,
+                        const std::optional<at::Tensor>& input_zero_point,
+                        const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                        c10::ScalarType out_dtype, int64_t threshold = kDefaultThreshold,
+                        bool enabled = true);
+
+// W8A8 ag_gemm: quantises this rank's shard first and all-gathers int8 values
+// (plus per-token scales in the same message). int8 x takes input_scale [1] or
+// per-token [c, 1]. Same output layout as ag_gemm, dtype out_dtype.
+at::Tensor ag_gemm_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& weight_scale,
+                        const std::optional<at::Tensor>& input_scale,
+                        const std::optional<at::Tensor>& input_zero_point,
+                        const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                        int64_t num_tokens, c10::ScalarType out_dtype,
+                        int64_t threshold = kDefaultThreshold, bool enabled = true,
+                        bool gather_output = false);
+
+// ("<op>.<strategy>", calls) for every op and strategy ("sequential", "pipelined").
+std::vector<std::pair<std::string, int64_t>> stats();
+void reset_stats();
+
+// Chunking of the pipelined strategy; steers the collective pattern, so set it
+// identically on every rank.
+void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows);
+
+}  // namespace flashcomm

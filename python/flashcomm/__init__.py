@@ -1,0 +1,35 @@
+"""flashcomm: token-count-adaptive tensor-parallel communication for LLM inference.
+
+Custom ops (``torch.ops.flashcomm.*``) that fuse the reduce-scatter into the GEMM
+before it and the all-gather into the GEMM after it, choosing per call between a
+sequential and a pipelined (overlapped) strategy, with exact meta kernels so
+``torch.compile`` traces one graph for every token count.
+"""
+
+from ._version import __version__
+from .ops import (
+    DEFAULT_THRESHOLD,
+    ag_gemm,
+    ag_gemm_w8a8,
+    gemm_rs,
+    gemm_rs_w8a8,
+    get_pipeline_config,
+    group_name,
+    reset_stats,
+    set_pipeline_config,
+    stats,
+)
+
+__all__ = [
+    "__version__",
+    "DEFAULT_THRESHOLD",
+    "ag_gemm",
+    "ag_gemm_w8a8",
+    "gemm_rs",
+    "gemm_rs_w8a8",
+    "get_pipeline_config",
+    "group_name",
+    "reset_stats",
+    "set_pipeline_config",
+    "stats",
+]

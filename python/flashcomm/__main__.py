@@ -1,0 +1,5 @@
+import sys
+
+from flashcomm.cli import main
+
+sys.exit(main())

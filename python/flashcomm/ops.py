@@ -1,0 +1,185 @@
+"""Typed Python wrappers of the ``torch.ops.flashcomm`` ops.
+
+Layout (tp = group size, r = group rank, c = ceil(n / tp)): a token-sharded
+activation is a compact ``[c, H]`` tensor; rank r holds global token rows
+``[r*c, r*c + c)`` and rows at or past n are zero padding.
+
+Every op chooses its kernel strategy per call, from the global token count:
+``pipelined`` iff ``enabled and tp > 1 and n > threshold``, else ``sequential``.
+``threshold < 0`` means auto (tuning table, else 1000). Both strategies give the
+same layout; :func:`flashcomm.stats` counts which one ran.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _loader
+
+_loader.load()
+
+Group = Union[dist.ProcessGroup, str, None]
+
+DEFAULT_THRESHOLD = 1000
+
+
+def group_name(group: Group) -> str:
+    """c10d name of ``group``: a ProcessGroup, a name, or None for the default group."""
+    if isinstance(group, str):
+        return group
+    if group is None:
+        group = dist.group.WORLD
+        if group is None:
+            raise RuntimeError(
+                "flashcomm: no group given and torch.distributed is not initialised; "
+                "call dist.init_process_group() or pass a ProcessGroup / group_name"
+            )
+    return group.group_name
+
+
+def gemm_rs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    group: Group = None,
+    threshold: int = DEFAULT_THRESHOLD,
+    enabled: bool = True,
+) -> torch.Tensor:
+    """Row-parallel GEMM fused with reduce-scatter.
+
+    Args:
+        x: ``[n, K_r]``, this rank's slice of the input features for all n tokens.
+        weight: ``[N, K_r]`` (nn.Linear layout), same dtype as ``x``.
+        bias: ``[N]`` or None. Added exactly once per row (by rank 0 before the
+            reduction), so pass it on rank 0 only or on every rank.
+        group: the tensor-parallel group (ProcessGroup, its ``group_name``, or None
+            for the default group).
+        threshold: pipelined iff ``n > threshold`` (and tp > 1); ``< 0`` = auto.
+        enabled: False forces the sequential strategy.
+
+    Returns:
+        ``[ceil(n / tp), N]``: this rank's block of ``sum_ranks(x_r @ W_r^T) + bias``,
+        rows at or past n zero. ``[n, N]`` when tp == 1.
+    """
+    return torch.ops.flashcomm.gemm_rs(x, weight, bias, group_name(group), threshold, enabled)
+
+
+def ag_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group: Group,
+    num_tokens: Union[int, torch.SymInt],
+    threshold: int = DEFAULT_THRESHOLD,
+    enabled: bool = True,
+    gather_output: bool = False,
+) -> torch.Tensor:
+    """All-gather of token shards fused with a column-parallel GEMM.
+
+    Args:
+        x: ``[ceil(num_tokens / tp), K]``, this rank's token shard.
+        weight: ``[N_r, K]``, this rank's output-feature slice.
+        bias: ``[N_r]`` or None, this rank's slice.
+        group: the tensor-parallel group.
+        num_tokens: the global token count n (padding rows are dropped).
+        gather_output: also all-gather the output features.
+
+    Returns:
+        ``[num_tokens, N_r]``, or ``[num_tokens, N_r * tp]`` (ranks' features
+        concatenated in rank order) with ``gather_output``.
+    """
+    return torch.ops.flashcomm.ag_gemm(
+        x, weight, bias, group_name(group), num_tokens, threshold, enabled, gather_output
+    )
+
+
+def gemm_rs_w8a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: Optional[torch.Tensor] = None,
+    input_zero_point: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    group: Group = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    threshold: int = DEFAULT_THRESHOLD,
+    enabled: bool = True,
+) -> torch.Tensor:
+    """W8A8 :func:`gemm_rs`.
+
+    Args:
+        x: ``[n, K_r]`` floating point (quantised inside) or int8 (then
+            ``input_scale`` is required, ``[1]`` or per-token ``[n, 1]``).
+        weight: int8 ``[N, K_r]``.
+        weight_scale: float32 per-channel ``[N]`` / ``[N, 1]`` or per-tensor ``[1]``.
+        input_scale: float32 ``[1]``: static per-tensor quantisation; None: dynamic
+            per-token symmetric.
+        input_zero_point: int32 ``[1]`` for asymmetric static quantisation.
+        bias: ``[N]`` floating point, added in fp32 once per row.
+        out_dtype: float32, float16 or bfloat16.
+
+    Returns:
+        ``[ceil(n / tp), N]`` in ``out_dtype`` (``[n, N]`` when tp == 1).
+    """
+    return torch.ops.flashcomm.gemm_rs_w8a8(
+        x, weight, weight_scale, input_scale, input_zero_point, bias, group_name(group),
+        out_dtype, threshold, enabled,
+    )
+
+
+def ag_gemm_w8a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: Optional[torch.Tensor],
+    input_zero_point: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    group: Group,
+    num_tokens: Union[int, torch.SymInt],
+    out_dtype: torch.dtype = torch.bfloat16,
+    threshold: int = DEFAULT_THRESHOLD,
+    enabled: bool = True,
+    gather_output: bool = False,
+) -> torch.Tensor:
+    """W8A8 :func:`ag_gemm`: the shard is quantised first, int8 rows (and per-token
+    scales) are all-gathered. ``x`` int8 takes ``input_scale`` ``[1]`` or ``[c, 1]``.
+
+    Returns:
+        ``[num_tokens, N_r]`` (or ``[num_tokens, N_r * tp]``) in ``out_dtype``.
+    """
+    return torch.ops.flashcomm.ag_gemm_w8a8(
+        x, weight, weight_scale, input_scale, input_zero_point, bias, group_name(group),
+        num_tokens, out_dtype, threshold, enabled, gather_output,
+    )
+
+
+def stats() -> dict[str, dict[str, int]]:
+    """Calls per op and strategy since the last reset, e.g.
+    ``{"gemm_rs": {"sequential": 3, "pipelined": 1}, ...}`` (this process only)."""
+    names, counts = torch.ops.flashcomm.stats()
+    out: dict[str, dict[str, int]] = {}
+    for name, count in zip(names, counts):
+        op, strategy = name.rsplit(".", 1)
+        out.setdefault(op, {})[strategy] = int(count)
+    return out
+
+
+def reset_stats() -> None:
+    """Zeroes every counter of :func:`stats`."""
+    torch.ops.flashcomm.reset_stats()
+
+
+def set_pipeline_config(max_chunks: int = 4, min_chunk_rows: int = 16) -> None:
+    """Chunking of the pipelined strategy: at most ``max_chunks`` collectives per
+    call, each moving at least ``min_chunk_rows`` rows of every rank block. It
+    steers the collective pattern, so set it identically on every rank."""
+    torch.ops.flashcomm.set_pipeline_config(max_chunks, min_chunk_rows)
+
+
+def get_pipeline_config() -> tuple[int, int]:
+    """``(max_chunks, min_chunk_rows)`` currently in force."""
+    max_chunks, min_rows = torch.ops.flashcomm.get_pipeline_config()
+    return int(max_chunks), int(min_rows)

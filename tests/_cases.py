@@ -1,0 +1,51 @@
+"""Shared case lists and worker-side helpers of the op tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import flashcomm
+
+TPS = [1, 2, 4]
+DTYPES = [torch.float32, torch.bfloat16]
+THRESHOLD = 1000
+# Relative error bounds against the float64 dense reference, per output dtype.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def token_counts(tp: int) -> list[int]:
+    """0, 1, tp-1, tp+1, small, both sides of the default threshold, and a prime."""
+    return sorted({0, 1, max(tp - 1, 0), tp + 1, 7, 999, 1000, 1001, 2053})
+
+
+def expected_strategy(n: int, tp: int, threshold: int, enabled: bool = True) -> str:
+    return "pipelined" if (enabled and tp > 1 and n > threshold) else "sequential"
+
+
+def assert_ran(counts: dict[str, int], strategy: str, calls: int = 1) -> None:
+    other = "sequential" if strategy == "pipelined" else "pipelined"
+    assert counts[strategy] == calls and counts[other] == 0, (
+        f"expected {calls} {strategy} call(s), counters say {counts}"
+    )
+
+
+def rank_and_size() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def call_and_count(op_name: str, fn, *args, **kwargs):
+    """Runs one op call on this rank; returns (output, that op's counters)."""
+    flashcomm.reset_stats()
+    out = fn(*args, **kwargs)
+    return out, flashcomm.stats()[op_name]
+
+
+def linear_inputs(n: int, k: int, out_features: int, dtype: torch.dtype, with_bias: bool,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]:
+    """Full (all-rank) x [n, k], weight [out_features, k] (nn.Linear layout) and bias."""
+    g = torch.Generator().manual_seed(seed + n)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    w = (torch.randn(out_features, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if with_bias else None
+    return x, w, b

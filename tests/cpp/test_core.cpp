@@ -1,0 +1,144 @@
+// GoogleTest of the torch-free core: shard arithmetic, chunk plans, policy and
+// counters.
+#include <gtest/gtest.h>
+
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "core/policy.h"
+#include "core/shard.h"
+#include "core/stats.h"
+
+using namespace flashcomm::core;
+
+class ShardTest : public ::testing::TestWithParam<std::tuple<int64_t, int64_t>> {};
+
+// The owned ranges of all ranks tile [0, n) in rank order and every block has c rows.
+TEST_P(ShardTest, OwnedRowsTileTheTokens) {
+  const auto [n, tp] = GetParam();
+  const int64_t c = shard_rows(n, tp);
+  EXPECT_EQ(c * tp, n + pad_rows(n, tp));
+  EXPECT_GE(pad_rows(n, tp), 0);
+  EXPECT_LT(pad_rows(n, tp), tp);
+  int64_t next = 0;
+  for (int64_t r = 0; r < tp; ++r) {
+    const RowRange owned = owned_rows(n, tp, r);
+    EXPECT_EQ(owned.begin, next);
+    EXPECT_LE(owned.size(), c);
+    EXPECT_EQ(valid_rows_in_block(n, tp, r, 0, c), owned.size());
+    next = owned.end;
+  }
+  EXPECT_EQ(next, n);
+}
+
+// Chunks of any block partition it, and valid rows per chunk add up to the owned rows.
+TEST_P(ShardTest, ChunksPartitionEveryBlock) {
+  const auto [n, tp] = GetParam();
+  const int64_t c = shard_rows(n, tp);
+  for (int64_t max_chunks : {1, 2, 3, 4, 8}) {
+    for (int64_t min_rows : {1, 16, 1000}) {
+      const auto chunks = plan_chunks(c, max_chunks, min_rows);
+      if (c == 0) {
+        EXPECT_TRUE(chunks.empty());
+        continue;
+      }
+      ASSERT_FALSE(chunks.empty());
+      EXPECT_LE(static_cast<int64_t>(chunks.size()), max_chunks);
+      int64_t next = 0;
+      for (const RowRange& ch : chunks) {
+        EXPECT_EQ(ch.begin, next);
+        EXPECT_GE(ch.size(), 1);
+        if (chunks.size() > 1) EXPECT_GE(ch.size(), min_rows);
+        EXPECT_LE(ch.size() - chunks.back().size(), 1);  // balanced
+        next = ch.end;
+      }
+      EXPECT_EQ(next, c);
+      for (int64_t r = 0; r < tp; ++r) {
+        int64_t sum = 0;
+        for (const RowRange& ch : chunks) sum += valid_rows_in_block(n, tp, r, ch.begin, ch.end);
+        EXPECT_EQ(sum, owned_rows(n, tp, r).size());
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(TokensByRanks, ShardTest,
+                         ::testing::Combine(::testing::Values(0, 1, 2, 3, 5, 7, 999, 1000, 1001,
+                                                              2053),
+                                            ::testing::Values(1, 2, 3, 4, 8)));
+
+TEST(Shard, KnownValues) {
+  EXPECT_EQ(shard_rows(5, 4), 2);
+  EXPECT_EQ(pad_rows(5, 4), 3);
+  EXPECT_EQ(owned_rows(5, 4, 2), (RowRange{4, 5}));
+  EXPECT_EQ(owned_rows(5, 4, 3), (RowRange{5, 5}));  // a rank owning zero rows
+  EXPECT_EQ(owned_rows(0, 2, 1), (RowRange{0, 0}));
+  EXPECT_EQ(valid_rows_in_block(5, 4, 2, 0, 2), 1);
+}
+
+TEST(Shard, RejectsInvalidArguments) {
+  EXPECT_THROW(owned_rows(-1, 2, 0), std::invalid_argument);
+  EXPECT_THROW(owned_rows(4, 2, 2), std::invalid_argument);
+  EXPECT_THROW(plan_chunks(4, 0, 1), std::invalid_argument);
+  EXPECT_THROW(plan_chunks(4, 1, 0), std::invalid_argument);
+}
+
+TEST(Policy, PipelinedOnlyAboveThresholdWithSeveralRanks) {
+  EXPECT_EQ(choose_strategy(1001, 2, 1000, true), Strategy::kPipelined);
+  EXPECT_EQ(choose_strategy(1000, 2, 1000, true), Strategy::kSequential);  // strict >
+  EXPECT_EQ(choose_strategy(5000, 1, 1000, true), Strategy::kSequential);  // tp == 1
+  EXPECT_EQ(choose_strategy(5000, 2, 1000, false), Strategy::kSequential);
+  EXPECT_EQ(choose_strategy(1, 2, 0, true), Strategy::kPipelined);
+  EXPECT_STREQ(strategy_name(Strategy::kPipelined), "pipelined");
+}
+
+TEST(Policy, AutoThresholdUsesTableThenDefault) {
+  ThresholdTable::instance().clear();
+  const ShapeKey key{"gemm_rs", 512, 256, 2, "float32"};
+  EXPECT_EQ(resolve_threshold(-1, key), kDefaultThreshold);
+  EXPECT_EQ(resolve_threshold(7, key), 7);
+  ThresholdTable::instance().set(key, 321);
+  EXPECT_EQ(resolve_threshold(-1, key), 321);
+  EXPECT_EQ(resolve_threshold(-1, ShapeKey{"gemm_rs", 512, 256, 4, "float32"}), kDefaultThreshold);
+  EXPECT_EQ(resolve_threshold(5, key), 5);  // an explicit threshold wins
+  EXPECT_THROW(ThresholdTable::instance().set(key, -3), std::invalid_argument);
+  ThresholdTable::instance().clear();
+  EXPECT_EQ(ThresholdTable::instance().size(), 0u);
+}
+
+TEST(Policy, PipelineConfigValidates) {
+  const PipelineConfig saved = pipeline_config();
+  set_pipeline_config({8, 32});
+  EXPECT_EQ(pipeline_config().max_chunks, 8);
+  EXPECT_EQ(pipeline_config().min_chunk_rows, 32);
+  EXPECT_THROW(set_pipeline_config({0, 32}), std::invalid_argument);
+  set_pipeline_config(saved);
+}
+
+TEST(Stats, CountsPerOpAndStrategyAcrossThreads) {
+  Stats& s = Stats::instance();
+  s.reset();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 1000; ++i) s.record(OpId::kAgGemm, Strategy::kPipelined);
+    });
+  }
+  for (auto& t : threads) t.join();
+  s.record(OpId::kGemmRsW8A8, Strategy::kSequential);
+  EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 4000);
+  EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kSequential), 0);
+  const auto snap = s.snapshot();
+  EXPECT_EQ(snap.size(), 8u);
+  bool found = false;
+  for (const auto& [name, count] : snap) {
+    if (name == "gemm_rs_w8a8.sequential") {
+      found = true;
+      EXPECT_EQ(count, 1);
+    }
+  }
+  EXPECT_TRUE(found);
+  s.reset();
+  EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 0);
+}

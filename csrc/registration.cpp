@@ -81,7 +81,51 @@ TORCH_LIBRARY(flashcomm, m) {
   m.impl("ag_gemm_w8a8", kMeta, TORCH_FN(ag_gemm_w8a8_meta));
   m.impl("ag_gemm_w8a8", kAutograd, autograd_kernel());
 
-  // Per-op, per-strategy call counters as parallel lists ("<op>.<strategy>", count).
+  // Layout-invariant row-parallel linear [n, K_r] -> [n, N]: all-reduce, or RS into owned rows.
+  m.def(
+      "sp_row_linear(Tensor x, Tensor weight, Tensor? bias, str group_name, "
+      "int sp_threshold=1000, bool enabled=True, int threshold=-1) -> Tensor");
+  m.impl("sp_row_linear", kReal, TORCH_FN(sp_row_linear_op));
+  m.impl("sp_row_linear", kMeta, TORCH_FN(sp_row_linear_meta));
+  m.impl("sp_row_linear", kAutograd, autograd_kernel());
+
+  // W8A8 layout-invariant row-parallel linear.
+  m.def(
+      "sp_row_linear_w8a8(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale, "
+      "Tensor? input_zero_point, Tensor? bias, str group_name, ScalarType out_dtype, "
+      "int sp_threshold=1000, bool enabled=True, int threshold=-1) -> Tensor");
+  m.impl("sp_row_linear_w8a8", kReal, TORCH_FN(sp_row_linear_w8a8_op));
+  m.impl("sp_row_linear_w8a8", kMeta, TORCH_FN(sp_row_linear_w8a8_meta));
+  m.impl("sp_row_linear_w8a8", kAutograd, autograd_kernel());
+
+  // Layout-invariant column-parallel linear [n, K] -> [n, N_r], all rows valid.
+  m.def(
+      "sp_column_linear(Tensor x, Tensor weight, Tensor? bias, str group_name, "
+      "int sp_threshold=1000, bool enabled=True, int threshold=-1, "
+      "bool gather_output=False) -> Tensor");
+  m.impl("sp_column_linear", kReal, TORCH_FN(sp_column_linear_op));
+  m.impl("sp_column_linear", kMeta, TORCH_FN(sp_column_linear_meta));
+  m.impl("sp_column_linear", kAutograd, autograd_kernel());
+
+  // W8A8 layout-invariant column-parallel linear (sharded: gathers int8 + scales).
+  m.def(
+      "sp_column_linear_w8a8(Tensor x, Tensor weight, Tensor weight_scale, "
+      "Tensor? input_scale, Tensor? input_zero_point, Tensor? bias, str group_name, "
+      "ScalarType out_dtype, int sp_threshold=1000, bool enabled=True, int threshold=-1, "
+      "bool gather_output=False) -> Tensor");
+  m.impl("sp_column_linear_w8a8", kReal, TORCH_FN(sp_column_linear_w8a8_op));
+  m.impl("sp_column_linear_w8a8", kMeta, TORCH_FN(sp_column_linear_w8a8_meta));
+  m.impl("sp_column_linear_w8a8", kAutograd, autograd_kernel());
+
+  // Boundary add + RMSNorm -> (normed, residual) [n, H]; sharded: owned rows (gather: all).
+  m.def(
+      "sp_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, str group_name, "
+      "int sp_threshold=1000, bool enabled=True, bool gather=False) -> (Tensor, Tensor)");
+  m.impl("sp_add_rms_norm", kReal, TORCH_FN(sp_add_rms_norm_op));
+  m.impl("sp_add_rms_norm", kMeta, TORCH_FN(sp_add_rms_norm_meta));
+  m.impl("sp_add_rms_norm", kAutograd, autograd_kernel());
+
+  // Per-op, per-path call counters as parallel lists ("<op>.<path>", count).
   m.def("stats() -> (str[], int[])", TORCH_FN(stats_op));
   // Zeroes every counter.
   m.def("reset_stats() -> ()", TORCH_FN(reset_stats_op));

@@ -24,6 +24,13 @@ Work all_gather(at::Tensor& output, at::Tensor& input, const Group& group) {
   return group->all_gather_single(output, input, c10d::AllgatherOptions());
 }
 
+Work all_reduce(at::Tensor& tensor, const Group& group) {
+  std::vector<at::Tensor> tensors{tensor};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  return group->allreduce(tensors, opts);
+}
+
 void wait(const Work& work, const char* op, const Group& group) {
   try {
     work->wait();

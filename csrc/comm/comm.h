@@ -26,6 +26,9 @@ Work reduce_scatter(at::Tensor& output, at::Tensor& input, const Group& group);
 // ([tp * m, ...], contiguous): block r of the output is rank r's input.
 Work all_gather(at::Tensor& output, at::Tensor& input, const Group& group);
 
+// Async in-place sum of `tensor` (contiguous) over the group.
+Work all_reduce(at::Tensor& tensor, const Group& group);
+
 // Waits for `work`; a failure or timeout is rethrown naming the op and group.
 void wait(const Work& work, const char* op, const Group& group);
 

@@ -12,6 +12,12 @@ Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool e
   return (enabled && tp > 1 && n_global > threshold) ? Strategy::kPipelined : Strategy::kSequential;
 }
 
+const char* mode_name(Mode m) { return m == Mode::kSharded ? "sharded" : "replicated"; }
+
+Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled) {
+  return (enabled && tp > 1 && n > sp_threshold) ? Mode::kSharded : Mode::kReplicated;
+}
+
 ThresholdTable& ThresholdTable::instance() {
   static ThresholdTable table;
   return table;

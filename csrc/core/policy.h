@@ -27,6 +27,16 @@ inline constexpr int64_t kDefaultThreshold = 1000;
 // `threshold` must already be resolved (>= 0); see resolve_threshold.
 Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled);
 
+// Layout mode of the layout-invariant ops (DESIGN.md section 3): replicated =
+// all token rows valid on every rank (plain TP); sharded = rank r's owned rows
+// valid. One model-wide sp_threshold, identical in every op of a forward pass.
+enum class Mode : int { kReplicated = 0, kSharded = 1 };
+
+const char* mode_name(Mode m);
+
+// sharded iff enabled && tp > 1 && n > sp_threshold.
+Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled);
+
 // Key of one op shape in the tuning table. `dtype` is a short string such as
 // "float32", "bfloat16" or "int8" so this layer stays torch-free.
 struct ShapeKey {

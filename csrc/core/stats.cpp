@@ -12,9 +12,23 @@ const char* op_name(OpId op) {
       return "gemm_rs_w8a8";
     case OpId::kAgGemmW8A8:
       return "ag_gemm_w8a8";
+    case OpId::kSpRowLinear:
+      return "sp_row_linear";
+    case OpId::kSpColumnLinear:
+      return "sp_column_linear";
+    case OpId::kSpRowLinearW8A8:
+      return "sp_row_linear_w8a8";
+    case OpId::kSpColumnLinearW8A8:
+      return "sp_column_linear_w8a8";
+    case OpId::kSpAddRmsNorm:
+      return "sp_add_rms_norm";
     default:
       return "unknown";
   }
+}
+
+bool is_layout_invariant(OpId op) {
+  return static_cast<int>(op) >= static_cast<int>(OpId::kSpRowLinear);
 }
 
 Stats& Stats::instance() {
@@ -22,22 +36,39 @@ Stats& Stats::instance() {
   return stats;
 }
 
+std::atomic<int64_t>& Stats::slot(OpId op, int path) {
+  return counts_[static_cast<int>(op) * kPaths + path];
+}
+
+const std::atomic<int64_t>& Stats::slot(OpId op, int path) const {
+  return counts_[static_cast<int>(op) * kPaths + path];
+}
+
 void Stats::record(OpId op, Strategy s) {
-  counts_[static_cast<int>(op) * kStrategies + static_cast<int>(s)].fetch_add(
-      1, std::memory_order_relaxed);
+  slot(op, static_cast<int>(s)).fetch_add(1, std::memory_order_relaxed);
+}
+
+void Stats::record(OpId op, Mode m) {
+  slot(op, static_cast<int>(m)).fetch_add(1, std::memory_order_relaxed);
 }
 
 int64_t Stats::count(OpId op, Strategy s) const {
-  return counts_[static_cast<int>(op) * kStrategies + static_cast<int>(s)].load(
-      std::memory_order_relaxed);
+  return slot(op, static_cast<int>(s)).load(std::memory_order_relaxed);
+}
+
+int64_t Stats::count(OpId op, Mode m) const {
+  return slot(op, static_cast<int>(m)).load(std::memory_order_relaxed);
 }
 
 std::vector<std::pair<std::string, int64_t>> Stats::snapshot() const {
   std::vector<std::pair<std::string, int64_t>> out;
-  for (int op = 0; op < static_cast<int>(OpId::kCount); ++op) {
-    for (Strategy s : {Strategy::kSequential, Strategy::kPipelined}) {
-      out.emplace_back(std::string(op_name(static_cast<OpId>(op))) + "." + strategy_name(s),
-                       count(static_cast<OpId>(op), s));
+  for (int i = 0; i < static_cast<int>(OpId::kCount); ++i) {
+    const OpId op = static_cast<OpId>(i);
+    for (int path = 0; path < kPaths; ++path) {
+      const char* path_name = is_layout_invariant(op) ? mode_name(static_cast<Mode>(path))
+                                                      : strategy_name(static_cast<Strategy>(path));
+      out.emplace_back(std::string(op_name(op)) + "." + path_name,
+                       slot(op, path).load(std::memory_order_relaxed));
     }
   }
   return out;

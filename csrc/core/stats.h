@@ -1,5 +1,6 @@
-// Per-op, per-strategy call counters, so tests and users can see which kernel
-// strategy actually ran (also inside compiled graphs). Torch-free, lock-free.
+// Per-op call counters, so tests and users can see which path actually ran
+// (also inside compiled graphs): the kernel strategy of the compact ops, the
+// layout mode of the layout-invariant ops. Torch-free, lock-free.
 #pragma once
 
 #include <array>
@@ -13,22 +14,41 @@
 
 namespace flashcomm::core {
 
-enum class OpId : int { kGemmRs = 0, kAgGemm, kGemmRsW8A8, kAgGemmW8A8, kCount };
+enum class OpId : int {
+  // compact ops: counted per Strategy
+  kGemmRs = 0,
+  kAgGemm,
+  kGemmRsW8A8,
+  kAgGemmW8A8,
+  // layout-invariant ops: counted per Mode
+  kSpRowLinear,
+  kSpColumnLinear,
+  kSpRowLinearW8A8,
+  kSpColumnLinearW8A8,
+  kSpAddRmsNorm,
+  kCount
+};
 
 const char* op_name(OpId op);
+bool is_layout_invariant(OpId op);
 
 class Stats {
  public:
   static Stats& instance();
   void record(OpId op, Strategy s);
+  void record(OpId op, Mode m);
   int64_t count(OpId op, Strategy s) const;
-  // ("<op>.<strategy>", count) for every op and strategy, zeros included.
+  int64_t count(OpId op, Mode m) const;
+  // ("<op>.<path>", count) for every op and its two paths ("sequential" /
+  // "pipelined" or "replicated" / "sharded"), zeros included.
   std::vector<std::pair<std::string, int64_t>> snapshot() const;
   void reset();
 
  private:
-  static constexpr int kStrategies = 2;
-  std::array<std::atomic<int64_t>, static_cast<int>(OpId::kCount) * kStrategies> counts_{};
+  static constexpr int kPaths = 2;
+  std::atomic<int64_t>& slot(OpId op, int path);
+  const std::atomic<int64_t>& slot(OpId op, int path) const;
+  std::array<std::atomic<int64_t>, static_cast<int>(OpId::kCount) * kPaths> counts_{};
 };
 
 }  // namespace flashcomm::core

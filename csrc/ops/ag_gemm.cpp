@@ -5,9 +5,9 @@
 #include "core/policy.h"
 #include "core/stats.h"
 #include "ops/checks.h"
+#include "ops/linear.h"
 #include "ops/ops.h"
 #include "ops/pipeline.h"
-#include "ops/quant.h"
 
 namespace flashcomm {
 
@@ -28,19 +28,10 @@ at::Tensor ag_gemm(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "ag_gemm";
   const int64_t tp = group->getSize();
   ops::check_column_parallel(kOp, x, weight, bias, num_tokens, tp, /*w8a8=*/false);
-  const int64_t N_r = weight.size(0);
-  const Strategy s = ops::decide_strategy(OpId::kAgGemm, num_tokens, x.size(1), N_r, tp,
+  const Strategy s = ops::decide_strategy(OpId::kAgGemm, num_tokens, x.size(1), weight.size(0), tp,
                                           x.scalar_type(), threshold, enabled);
-  const at::Tensor w_t = weight.t();
-  // Column-parallel: each rank owns its bias slice, so every rank adds it.
-  auto gemm = [&](const at::Tensor& rows, at::Tensor& out) {
-    if (bias.has_value()) {
-      at::addmm_out(out, *bias, rows, w_t);
-    } else {
-      at::mm_out(out, rows, w_t);
-    }
-  };
-  at::Tensor local = ops::all_gather_gemm(kOp, group, s, num_tokens, N_r, x, x.options(), gemm);
+  const at::Tensor local =
+      ops::all_gather_gemm(kOp, group, s, num_tokens, ops::fp_column_linear(x, weight, bias));
   return gather_output ? ops::gather_output_features(kOp, group, local) : local;
 }
 
@@ -55,25 +46,11 @@ at::Tensor ag_gemm_w8a8(const at::Tensor& x, const at::Tensor& weight,
   const int64_t tp = group->getSize();
   ops::check_column_parallel(kOp, x, weight, bias, num_tokens, tp, /*w8a8=*/true);
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
-  const int64_t K = x.size(1), N_r = weight.size(0);
-  const Strategy s = ops::decide_strategy(OpId::kAgGemmW8A8, num_tokens, K, N_r, tp, at::kChar,
-                                          threshold, enabled);
-  // Quantise only this rank's shard; the wire carries int8 values, and for
-  // per-token scales the 4 scale bytes ride in the same rows.
-  const ops::QuantizedActivation qx = ops::quantize_activation(x, input_scale, input_zero_point);
-  const at::Tensor payload = qx.per_token() ? ops::pack_rows_with_scales(qx.q, qx.scale) : qx.q;
-  const at::Tensor zp_corr = input_zero_point.has_value()
-                                 ? ops::zero_point_correction(weight, *input_zero_point)
-                                 : at::Tensor();
-  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
-  auto gemm = [&](const at::Tensor& rows, at::Tensor& out) {
-    const ops::QuantizedActivation part = qx.per_token() ? ops::unpack_rows_with_scales(rows, K)
-                                                         : ops::QuantizedActivation{rows, qx.scale};
-    const at::Tensor acc = ops::int8_matmul(part.q, weight);
-    ops::dequantize_into(acc, part.scale, weight_scale, zp_corr, b, out);
-  };
-  at::Tensor local = ops::all_gather_gemm(kOp, group, s, num_tokens, N_r, payload,
-                                          x.options().dtype(out_dtype), gemm);
+  const Strategy s = ops::decide_strategy(OpId::kAgGemmW8A8, num_tokens, x.size(1), weight.size(0),
+                                          tp, at::kChar, threshold, enabled);
+  const ops::ColumnLinear linear = ops::w8a8_column_linear(x, weight, weight_scale, input_scale,
+                                                           input_zero_point, bias, out_dtype);
+  const at::Tensor local = ops::all_gather_gemm(kOp, group, s, num_tokens, linear);
   return gather_output ? ops::gather_output_features(kOp, group, local) : local;
 }
 

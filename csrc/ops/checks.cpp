@@ -82,17 +82,22 @@ void check_matmul_operands(const char* op, const at::Tensor& x, const at::Tensor
 
 }  // namespace
 
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, bool w8a8, const char* x_layout,
+                  const char* w_layout) {
+  check_matmul_operands(op, x, weight, w8a8, x_layout, w_layout);
+  check_bias(op, bias, x, weight, w8a8);
+}
+
 void check_row_parallel(const char* op, const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, bool w8a8) {
-  check_matmul_operands(op, x, weight, w8a8, "[n, K_r]", "[N, K_r]");
-  check_bias(op, bias, x, weight, w8a8);
+  check_linear(op, x, weight, bias, w8a8, "[n, K_r]", "[N, K_r]");
 }
 
 void check_column_parallel(const char* op, const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const c10::SymInt& num_tokens,
                            int64_t tp, bool w8a8) {
-  check_matmul_operands(op, x, weight, w8a8, "[c, K] (this rank's token shard)", "[N_r, K]");
-  check_bias(op, bias, x, weight, w8a8);
+  check_linear(op, x, weight, bias, w8a8, "[c, K] (this rank's token shard)", "[N_r, K]");
   TORCH_SYM_CHECK(num_tokens.sym_ge(0), op, ": num_tokens must be >= 0, got ", num_tokens);
   TORCH_SYM_CHECK(x.sym_size(0).sym_eq(sym_ceil_div(num_tokens, tp)), op, ": x has ", x.sym_size(0),
                   " rows but num_tokens = ", num_tokens, " over tp = ", tp,

@@ -20,6 +20,11 @@ const char* dtype_key(c10::ScalarType t);
 
 c10::SymInt sym_ceil_div(const c10::SymInt& a, int64_t b);
 
+// Any linear: x `x_layout`, weight `w_layout` with equal K, bias [weight.size(0)].
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, bool w8a8, const char* x_layout,
+                  const char* w_layout);
+
 // gemm_rs / gemm_rs_w8a8: x [n, K], weight [N, K], bias [N]. `w8a8` selects the
 // dtype rules of the quantised op.
 void check_row_parallel(const char* op, const at::Tensor& x, const at::Tensor& weight,

@@ -57,6 +57,52 @@ at::Tensor ag_gemm_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
                              c10::SymInt num_tokens, c10::ScalarType out_dtype, int64_t threshold,
                              bool enabled, bool gather_output);
 
+// Layout-invariant ops (csrc/ops/sp_ops.cpp).
+at::Tensor sp_row_linear_op(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::string& group_name,
+                            int64_t sp_threshold, bool enabled, int64_t threshold);
+at::Tensor sp_row_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const std::string& group_name,
+                              int64_t sp_threshold, bool enabled, int64_t threshold);
+at::Tensor sp_row_linear_w8a8_op(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& input_scale,
+                                 const std::optional<at::Tensor>& input_zero_point,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::string& group_name, c10::ScalarType out_dtype,
+                                 int64_t sp_threshold, bool enabled, int64_t threshold);
+at::Tensor sp_row_linear_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& weight_scale,
+                                   const std::optional<at::Tensor>& input_scale,
+                                   const std::optional<at::Tensor>& input_zero_point,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::string& group_name, c10::ScalarType out_dtype,
+                                   int64_t sp_threshold, bool enabled, int64_t threshold);
+at::Tensor sp_column_linear_op(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::string& group_name,
+                               int64_t sp_threshold, bool enabled, int64_t threshold,
+                               bool gather_output);
+at::Tensor sp_column_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::string& group_name, int64_t sp_threshold, bool enabled,
+                                 int64_t threshold, bool gather_output);
+at::Tensor sp_column_linear_w8a8_op(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& input_zero_point,
+    const std::optional<at::Tensor>& bias, const std::string& group_name, c10::ScalarType out_dtype,
+    int64_t sp_threshold, bool enabled, int64_t threshold, bool gather_output);
+at::Tensor sp_column_linear_w8a8_meta(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& input_zero_point,
+    const std::optional<at::Tensor>& bias, const std::string& group_name, c10::ScalarType out_dtype,
+    int64_t sp_threshold, bool enabled, int64_t threshold, bool gather_output);
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_op(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+    double eps, const std::string& group_name, int64_t sp_threshold, bool enabled, bool gather);
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+    double eps, const std::string& group_name, int64_t sp_threshold, bool enabled, bool gather);
+
 // Counters and configuration (see flashcomm.stats / reset_stats in Python).
 std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op();
 void reset_stats_op();

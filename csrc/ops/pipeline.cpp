@@ -17,16 +17,18 @@ core::Strategy decide_strategy(core::OpId op, int64_t n_global, int64_t K, int64
 }
 
 at::Tensor gemm_reduce_scatter(const char* op, const comm::Group& group, core::Strategy strategy,
-                               int64_t n, int64_t N, const at::TensorOptions& out_options,
-                               const RowGemm& gemm) {
+                               const RowLinear& linear, at::Tensor out) {
   const int64_t tp = group->getSize();
+  const int64_t n = linear.n, N = linear.out_features;
+  const at::TensorOptions& out_options = linear.out_options;
+  const RowGemm& gemm = linear.gemm;
+  const int64_t c = core::shard_rows(n, tp);
+  if (!out.defined()) out = at::empty({c, N}, out_options);
+  TORCH_INTERNAL_ASSERT(out.size(0) == c && out.size(1) == N && out.is_contiguous());
   if (tp == 1) {
-    at::Tensor out = at::empty({n, N}, out_options);
     if (n > 0) gemm(0, n, out);
     return out;
   }
-  const int64_t c = core::shard_rows(n, tp);
-  at::Tensor out = at::empty({c, N}, out_options);
   // n is rank-invariant, so either every rank skips the collective or none does.
   if (n == 0) return out;
 
@@ -68,11 +70,20 @@ at::Tensor gemm_reduce_scatter(const char* op, const comm::Group& group, core::S
   return out;
 }
 
+at::Tensor gemm_all_reduce(const char* op, const comm::Group& group, const RowLinear& linear) {
+  at::Tensor out = at::empty({linear.n, linear.out_features}, linear.out_options);
+  if (linear.n == 0) return out;  // rank-invariant: every rank skips the collective
+  linear.gemm(0, linear.n, out);
+  if (group->getSize() > 1) comm::wait(comm::all_reduce(out, group), op, group);
+  return out;
+}
+
 at::Tensor all_gather_gemm(const char* op, const comm::Group& group, core::Strategy strategy,
-                           int64_t n, int64_t N, const at::Tensor& payload,
-                           const at::TensorOptions& out_options, const GatheredGemm& gemm) {
+                           int64_t n, const ColumnLinear& linear) {
   const int64_t tp = group->getSize();
-  at::Tensor out = at::empty({n, N}, out_options);
+  const at::Tensor& payload = linear.payload;
+  const GatheredGemm& gemm = linear.gemm;
+  at::Tensor out = at::empty({n, linear.out_features}, linear.out_options);
   if (n == 0) return out;  // rank-invariant: every rank skips the collective
   if (tp == 1) {
     gemm(payload, out);

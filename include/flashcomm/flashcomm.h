@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -75,7 +76,64 @@ at::Tensor ag_gemm_w8a8(const at::Tensor& x, const at::Tensor& weight,
                         int64_t threshold = kDefaultThreshold, bool enabled = true,
                         bool gather_output = false);
 
-// ("<op>.<strategy>", calls) for every op and strategy ("sequential", "pipelined").
+// ---------------------------------------------------------------------------
+// Layout-invariant ops. Hidden states are [n, H] on every rank in both modes:
+//   replicated (n <= sp_threshold, tp == 1 or !enabled): all rows valid on every
+//     rank, exactly plain TP (GEMM + all-reduce);
+//   sharded: rank r's owned rows [r*c, min(n, r*c + c)) valid, the rest
+//     don't-care (NaN when FLASHCOMM_DEBUG_POISON=1).
+// The mode is a pure function of (n, tp, sp_threshold, enabled); pass the same
+// sp_threshold to every op of a model. `threshold` is the compact kernels'
+// strategy threshold used in sharded mode (< 0: auto).
+inline constexpr int64_t kDefaultSpThreshold = 1000;
+
+// Row-parallel linear: x [n, K_r] (all rows valid), weight [N, K_r] -> [n, N].
+// Replicated: GEMM + all-reduce; sharded: GEMM + reduce-scatter into the owned rows.
+at::Tensor sp_row_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                         int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true,
+                         int64_t threshold = -1);
+
+at::Tensor sp_row_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& weight_scale,
+                              const std::optional<at::Tensor>& input_scale,
+                              const std::optional<at::Tensor>& input_zero_point,
+                              const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                              c10::ScalarType out_dtype, int64_t sp_threshold = kDefaultSpThreshold,
+                              bool enabled = true, int64_t threshold = -1);
+
+// Column-parallel linear: x [n, K] (replicated: all rows valid; sharded: owned
+// rows valid), weight [N_r, K] -> [n, N_r] with all rows valid (sharded: the
+// owned rows are all-gathered, fused with the GEMM). gather_output: [n, N_r * tp].
+at::Tensor sp_column_linear(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                            int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true,
+                            int64_t threshold = -1, bool gather_output = false);
+
+// W8A8 column-parallel linear; sharded mode quantises the owned rows and
+// all-gathers int8 values plus scales.
+at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& input_scale,
+                                 const std::optional<at::Tensor>& input_zero_point,
+                                 const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                                 c10::ScalarType out_dtype,
+                                 int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true,
+                                 int64_t threshold = -1, bool gather_output = false);
+
+// Boundary add + RMSNorm in vLLM's fused convention: s = x + residual (fp32),
+// returns (rmsnorm(s) * weight, s) in x's dtype ([n, H] each; residual may be
+// absent: s = x). Sharded mode computes only the owned rows; `gather` (the final
+// norm) all-gathers them so every row of the normed output is valid.
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   const at::Tensor& weight, double eps,
+                                                   const GroupPtr& group,
+                                                   int64_t sp_threshold = kDefaultSpThreshold,
+                                                   bool enabled = true, bool gather = false);
+
+// ("<op>.<path>", calls) for every op: compact ops count "sequential" /
+// "pipelined", layout-invariant ops "replicated" / "sharded".
 std::vector<std::pair<std::string, int64_t>> stats();
 void reset_stats();
 

@@ -19,17 +19,35 @@ from .ops import (
     set_pipeline_config,
     stats,
 )
+from .sp import (
+    DEFAULT_SP_THRESHOLD,
+    owned_rows,
+    sp_add_rms_norm,
+    sp_column_linear,
+    sp_column_linear_w8a8,
+    sp_mode,
+    sp_row_linear,
+    sp_row_linear_w8a8,
+)
 
 __all__ = [
     "__version__",
+    "DEFAULT_SP_THRESHOLD",
     "DEFAULT_THRESHOLD",
     "ag_gemm",
     "ag_gemm_w8a8",
     "gemm_rs",
     "gemm_rs_w8a8",
     "get_pipeline_config",
+    "owned_rows",
     "group_name",
     "reset_stats",
     "set_pipeline_config",
+    "sp_add_rms_norm",
+    "sp_column_linear",
+    "sp_column_linear_w8a8",
+    "sp_mode",
+    "sp_row_linear",
+    "sp_row_linear_w8a8",
     "stats",
 ]

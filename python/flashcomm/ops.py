@@ -157,8 +157,10 @@ def ag_gemm_w8a8(
 
 
 def stats() -> dict[str, dict[str, int]]:
-    """Calls per op and strategy since the last reset, e.g.
-    ``{"gemm_rs": {"sequential": 3, "pipelined": 1}, ...}`` (this process only)."""
+    """Calls per op and path since the last reset (this process only): the kernel
+    strategy of the compact ops, the layout mode of the layout-invariant ops, e.g.
+    ``{"gemm_rs": {"sequential": 3, "pipelined": 1}, ...,
+    "sp_row_linear": {"replicated": 2, "sharded": 1}, ...}``."""
     names, counts = torch.ops.flashcomm.stats()
     out: dict[str, dict[str, int]] = {}
     for name, count in zip(names, counts):

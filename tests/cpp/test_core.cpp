@@ -93,6 +93,27 @@ TEST(Policy, PipelinedOnlyAboveThresholdWithSeveralRanks) {
   EXPECT_STREQ(strategy_name(Strategy::kPipelined), "pipelined");
 }
 
+TEST(Policy, ShardedOnlyAboveSpThresholdWithSeveralRanks) {
+  EXPECT_EQ(choose_mode(1001, 2, 1000, true), Mode::kSharded);
+  EXPECT_EQ(choose_mode(1000, 2, 1000, true), Mode::kReplicated);  // strict >
+  EXPECT_EQ(choose_mode(5000, 1, 1000, true), Mode::kReplicated);
+  EXPECT_EQ(choose_mode(5000, 4, 1000, false), Mode::kReplicated);
+  EXPECT_STREQ(mode_name(Mode::kSharded), "sharded");
+}
+
+TEST(Stats, LayoutInvariantOpsCountModes) {
+  Stats& s = Stats::instance();
+  s.reset();
+  s.record(OpId::kSpAddRmsNorm, Mode::kSharded);
+  bool found = false;
+  for (const auto& [name, count] : s.snapshot()) {
+    if (name == "sp_add_rms_norm.sharded") found = (count == 1);
+    EXPECT_NE(name, "sp_add_rms_norm.pipelined");
+  }
+  EXPECT_TRUE(found);
+  s.reset();
+}
+
 TEST(Policy, AutoThresholdUsesTableThenDefault) {
   ThresholdTable::instance().clear();
   const ShapeKey key{"gemm_rs", 512, 256, 2, "float32"};
@@ -130,7 +151,7 @@ TEST(Stats, CountsPerOpAndStrategyAcrossThreads) {
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 4000);
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kSequential), 0);
   const auto snap = s.snapshot();
-  EXPECT_EQ(snap.size(), 8u);
+  EXPECT_EQ(snap.size(), 2u * static_cast<size_t>(OpId::kCount));
   bool found = false;
   for (const auto& [name, count] : snap) {
     if (name == "gemm_rs_w8a8.sequential") {

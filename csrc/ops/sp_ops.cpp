@@ -1,0 +1,369 @@
+// Layout-invariant sequence-parallel ops (DESIGN.md section 3). Hidden states
+// keep the full shape [n, H] on every rank; the mode decides which rows are
+// valid:
+//   replicated (n <= sp_threshold, or tp == 1, or disabled): every row, on every
+//     rank -- exactly plain TP (GEMM + all-reduce);
+//   sharded: rank r's owned rows [r*c, min(n, r*c + c)), c = ceil(n / tp); the
+//     other rows are don't-care (NaN with FLASHCOMM_DEBUG_POISON=1).
+// The mode is a pure function of (n, tp, sp_threshold, enabled), all
+// rank-invariant and identical in every op of a forward pass, and no output
+// shape depends on it: one compiled graph serves every n.
+#include <flashcomm/flashcomm.h>
+
+#include <cmath>
+#include <cstdlib>
+
+#include "comm/comm.h"
+#include "core/policy.h"
+#include "core/shard.h"
+#include "core/stats.h"
+#include "ops/checks.h"
+#include "ops/linear.h"
+#include "ops/ops.h"
+#include "ops/pipeline.h"
+
+namespace flashcomm {
+
+using core::Mode;
+using core::OpId;
+using core::RowRange;
+
+namespace {
+
+Mode decide_mode(OpId op, int64_t n, int64_t tp, int64_t sp_threshold, bool enabled) {
+  const Mode m = core::choose_mode(n, tp, sp_threshold, enabled);
+  core::Stats::instance().record(op, m);
+  return m;
+}
+
+// Debug switch: don't-care rows become NaN, so a consumer that reads them
+// poisons the result. Read per call so tests can toggle it.
+bool poison_enabled() {
+  const char* v = std::getenv("FLASHCOMM_DEBUG_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+void poison_outside(at::Tensor& t, RowRange valid) {
+  if (!poison_enabled() || !at::isFloatingType(t.scalar_type())) return;
+  const int64_t rows = t.size(0);
+  if (valid.begin > 0) t.narrow(0, 0, valid.begin).fill_(NAN);
+  if (valid.end < rows) t.narrow(0, valid.end, rows - valid.end).fill_(NAN);
+}
+
+RowRange owned(const comm::Group& group, int64_t n) {
+  return core::owned_rows(n, group->getSize(), group->getRank());
+}
+
+// This rank's block of rows of t [n, ...] as a [c, ...] tensor: a view when the
+// block lies inside t, else a copy with zero padding rows.
+at::Tensor owned_block(const at::Tensor& t, const comm::Group& group) {
+  const int64_t n = t.size(0), tp = group->getSize(), r = group->getRank();
+  const int64_t c = core::shard_rows(n, tp);
+  if (r * c + c <= n) return t.narrow(0, r * c, c);
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] = c;
+  at::Tensor block = at::zeros(sizes, t.options());
+  const RowRange mine = owned(group, n);
+  if (mine.size() > 0) block.narrow(0, 0, mine.size()).copy_(t.narrow(0, mine.begin, mine.size()));
+  return block;
+}
+
+// Row-parallel output [n, N]: all-reduce (replicated) or reduce-scatter into the
+// owned rows (sharded; the compact kernel picks its own strategy).
+at::Tensor row_parallel(const char* op, OpId compact_op, const comm::Group& group, Mode mode,
+                        const ops::RowLinear& linear, int64_t K, c10::ScalarType key_dtype,
+                        int64_t threshold) {
+  if (mode == Mode::kReplicated) return ops::gemm_all_reduce(op, group, linear);
+  const int64_t n = linear.n, N = linear.out_features, tp = group->getSize();
+  const int64_t c = core::shard_rows(n, tp);
+  const core::Strategy s =
+      ops::decide_strategy(compact_op, n, K, N, tp, key_dtype, threshold, /*enabled=*/true);
+  // Rank r's block lands at rows [r*c, r*c + c) of a [tp*c, N] buffer whose first
+  // n rows are the output: no copy, padding rows fall outside the returned view.
+  at::Tensor full = at::empty({tp * c, N}, linear.out_options);
+  ops::gemm_reduce_scatter(op, group, s, linear, full.narrow(0, group->getRank() * c, c));
+  at::Tensor out = full.narrow(0, 0, n);
+  poison_outside(out, owned(group, n));
+  return out;
+}
+
+// Column-parallel output [n, N_r] (or [n, N_r * tp]), all rows valid.
+// `linear_of(sharded)` builds the GEMM of x's rows: all of them, or this rank's
+// padded block when sharded.
+template <typename MakeLinear>
+at::Tensor column_parallel(const char* op, OpId compact_op, const comm::Group& group, Mode mode,
+                           const at::Tensor& x, int64_t N_r, c10::ScalarType key_dtype,
+                           int64_t threshold, bool gather_output, const MakeLinear& linear_of) {
+  const int64_t n = x.size(0), tp = group->getSize();
+  at::Tensor local;
+  if (mode == Mode::kReplicated) {
+    local = ops::run_local(linear_of(/*sharded=*/false));
+  } else {
+    const core::Strategy s = ops::decide_strategy(compact_op, n, x.size(1), N_r, tp, key_dtype,
+                                                  threshold, /*enabled=*/true);
+    local = ops::all_gather_gemm(op, group, s, n, linear_of(/*sharded=*/true));
+  }
+  return gather_output ? ops::gather_output_features(op, group, local) : local;
+}
+
+void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n, H], got sizes ", x.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(weight.dim() == 1, op, ": weight must be 1-D [H], got sizes ", weight.sym_sizes());
+  TORCH_SYM_CHECK(weight.sym_size(0).sym_eq(x.sym_size(1)), op,
+                  ": weight must have H = ", x.sym_size(1), " elements, got ", weight.sym_size(0));
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on x's device ", x.device(),
+              ", got ", weight.device());
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2, op, ": residual must be 2-D [n, H] like x, got sizes ",
+                residual->sym_sizes());
+    TORCH_SYM_CHECK(residual->sym_size(0).sym_eq(x.sym_size(0)), op,
+                    ": residual must have x's n = ", x.sym_size(0), " rows, got ",
+                    residual->sym_size(0));
+    TORCH_SYM_CHECK(residual->sym_size(1).sym_eq(x.sym_size(1)), op,
+                    ": residual must have x's H = ", x.sym_size(1), " columns, got ",
+                    residual->sym_size(1));
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual dtype must match x (",
+                x.scalar_type(), "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on x's device ",
+                x.device(), ", got ", residual->device());
+  }
+}
+
+// vLLM's add + RMSNorm convention, on the rows given: s = x + residual (fp32),
+// residual_out = s in x's dtype, normed = (s * rsqrt(mean(s^2) + eps)) in x's
+// dtype, times weight.
+void add_rms_norm_rows(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                       const at::Tensor& weight, double eps, at::Tensor normed,
+                       at::Tensor residual_out) {
+  at::Tensor s = x.to(at::kFloat);
+  if (residual.has_value()) s = s + residual->to(at::kFloat);
+  residual_out.copy_(s);
+  const at::Tensor inv_rms = at::rsqrt(s.pow(2).mean(/*dim=*/{-1}, /*keepdim=*/true) + eps);
+  at::mul_out(normed, (s * inv_rms).to(x.scalar_type()), weight.to(x.scalar_type()));
+}
+
+}  // namespace
+
+at::Tensor sp_row_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                         int64_t sp_threshold, bool enabled, int64_t threshold) {
+  constexpr const char* kOp = "sp_row_linear";
+  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K_r]", "[N, K_r]");
+  const Mode m =
+      decide_mode(OpId::kSpRowLinear, x.size(0), group->getSize(), sp_threshold, enabled);
+  return row_parallel(kOp, OpId::kGemmRs, group, m,
+                      ops::fp_row_linear(x, weight, bias, group->getRank() == 0), x.size(1),
+                      x.scalar_type(), threshold);
+}
+
+at::Tensor sp_row_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& weight_scale,
+                              const std::optional<at::Tensor>& input_scale,
+                              const std::optional<at::Tensor>& input_zero_point,
+                              const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                              c10::ScalarType out_dtype, int64_t sp_threshold, bool enabled,
+                              int64_t threshold) {
+  constexpr const char* kOp = "sp_row_linear_w8a8";
+  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K_r]", "[N, K_r]");
+  ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  const Mode m =
+      decide_mode(OpId::kSpRowLinearW8A8, x.size(0), group->getSize(), sp_threshold, enabled);
+  return row_parallel(kOp, OpId::kGemmRsW8A8, group, m,
+                      ops::w8a8_row_linear(x, weight, weight_scale, input_scale, input_zero_point,
+                                           bias, group->getRank() == 0, out_dtype),
+                      x.size(1), at::kChar, threshold);
+}
+
+at::Tensor sp_column_linear(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                            int64_t sp_threshold, bool enabled, int64_t threshold,
+                            bool gather_output) {
+  constexpr const char* kOp = "sp_column_linear";
+  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K]", "[N_r, K]");
+  const Mode m =
+      decide_mode(OpId::kSpColumnLinear, x.size(0), group->getSize(), sp_threshold, enabled);
+  return column_parallel(kOp, OpId::kAgGemm, group, m, x, weight.size(0), x.scalar_type(),
+                         threshold, gather_output, [&](bool sharded) {
+                           const at::Tensor rows = sharded ? owned_block(x, group) : x;
+                           return ops::fp_column_linear(rows, weight, bias);
+                         });
+}
+
+at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& input_scale,
+                                 const std::optional<at::Tensor>& input_zero_point,
+                                 const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                                 c10::ScalarType out_dtype, int64_t sp_threshold, bool enabled,
+                                 int64_t threshold, bool gather_output) {
+  constexpr const char* kOp = "sp_column_linear_w8a8";
+  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K]", "[N_r, K]");
+  ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  const Mode m =
+      decide_mode(OpId::kSpColumnLinearW8A8, x.size(0), group->getSize(), sp_threshold, enabled);
+  return column_parallel(kOp, OpId::kAgGemmW8A8, group, m, x, weight.size(0), at::kChar, threshold,
+                         gather_output, [&](bool sharded) {
+                           if (!sharded) {
+                             return ops::w8a8_column_linear(x, weight, weight_scale, input_scale,
+                                                            input_zero_point, bias, out_dtype);
+                           }
+                           // Per-token scales of an int8 x travel with their rows.
+                           std::optional<at::Tensor> scale = input_scale;
+                           if (scale.has_value() && scale->dim() == 2)
+                             scale = owned_block(*scale, group);
+                           return ops::w8a8_column_linear(owned_block(x, group), weight,
+                                                          weight_scale, scale, input_zero_point,
+                                                          bias, out_dtype);
+                         });
+}
+
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   const at::Tensor& weight, double eps,
+                                                   const GroupPtr& group, int64_t sp_threshold,
+                                                   bool enabled, bool gather) {
+  constexpr const char* kOp = "sp_add_rms_norm";
+  check_norm(kOp, x, residual, weight);
+  const int64_t n = x.size(0), H = x.size(1), tp = group->getSize();
+  const Mode m = decide_mode(OpId::kSpAddRmsNorm, n, tp, sp_threshold, enabled);
+  const RowRange rows = m == Mode::kReplicated ? RowRange{0, n} : owned(group, n);
+  auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
+  const std::optional<at::Tensor> residual_rows =
+      residual.has_value() ? std::optional<at::Tensor>(slice(*residual)) : std::nullopt;
+
+  at::Tensor residual_out = at::empty({n, H}, x.options());
+  poison_outside(residual_out, rows);
+  if (m == Mode::kSharded && gather) {
+    // The final norm: normalise the owned rows into this rank's padded block,
+    // then all-gather so every row is valid everywhere.
+    const int64_t c = core::shard_rows(n, tp);
+    at::Tensor block = at::zeros({c, H}, x.options());
+    if (rows.size() > 0) {
+      add_rms_norm_rows(slice(x), residual_rows, weight, eps, block.narrow(0, 0, rows.size()),
+                        slice(residual_out));
+    }
+    at::Tensor gathered = at::empty({tp * c, H}, x.options());
+    comm::wait(comm::all_gather(gathered, block, group), kOp, group);
+    return {gathered.narrow(0, 0, n), residual_out};
+  }
+  at::Tensor normed = at::empty({n, H}, x.options());
+  if (rows.size() > 0) {
+    add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed), slice(residual_out));
+  }
+  poison_outside(normed, rows);
+  return {normed, residual_out};
+}
+
+namespace ops {
+
+at::Tensor sp_row_linear_op(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::string& group_name,
+                            int64_t sp_threshold, bool enabled, int64_t threshold) {
+  return flashcomm::sp_row_linear(x, weight, bias, comm::resolve_group(group_name, "sp_row_linear"),
+                                  sp_threshold, enabled, threshold);
+}
+
+at::Tensor sp_row_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const std::string& group_name,
+                              int64_t, bool, int64_t) {
+  comm::resolve_group(group_name, "sp_row_linear");
+  check_linear("sp_row_linear", x, weight, bias, false, "[n, K_r]", "[N, K_r]");
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
+}
+
+at::Tensor sp_row_linear_w8a8_op(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& input_scale,
+                                 const std::optional<at::Tensor>& input_zero_point,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::string& group_name, c10::ScalarType out_dtype,
+                                 int64_t sp_threshold, bool enabled, int64_t threshold) {
+  return flashcomm::sp_row_linear_w8a8(x, weight, weight_scale, input_scale, input_zero_point, bias,
+                                       comm::resolve_group(group_name, "sp_row_linear_w8a8"),
+                                       out_dtype, sp_threshold, enabled, threshold);
+}
+
+at::Tensor sp_row_linear_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& weight_scale,
+                                   const std::optional<at::Tensor>& input_scale,
+                                   const std::optional<at::Tensor>& input_zero_point,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::string& group_name, c10::ScalarType out_dtype,
+                                   int64_t, bool, int64_t) {
+  constexpr const char* kOp = "sp_row_linear_w8a8";
+  comm::resolve_group(group_name, kOp);
+  check_linear(kOp, x, weight, bias, true, "[n, K_r]", "[N, K_r]");
+  check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options().dtype(out_dtype));
+}
+
+at::Tensor sp_column_linear_op(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::string& group_name,
+                               int64_t sp_threshold, bool enabled, int64_t threshold,
+                               bool gather_output) {
+  return flashcomm::sp_column_linear(x, weight, bias,
+                                     comm::resolve_group(group_name, "sp_column_linear"),
+                                     sp_threshold, enabled, threshold, gather_output);
+}
+
+at::Tensor sp_column_linear_meta(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::string& group_name, int64_t, bool, int64_t,
+                                 bool gather_output) {
+  const int64_t tp = comm::resolve_group(group_name, "sp_column_linear")->getSize();
+  check_linear("sp_column_linear", x, weight, bias, false, "[n, K]", "[N_r, K]");
+  return at::empty_symint(
+      {x.sym_size(0), gather_output ? weight.sym_size(0) * tp : weight.sym_size(0)}, x.options());
+}
+
+at::Tensor sp_column_linear_w8a8_op(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& input_zero_point,
+    const std::optional<at::Tensor>& bias, const std::string& group_name, c10::ScalarType out_dtype,
+    int64_t sp_threshold, bool enabled, int64_t threshold, bool gather_output) {
+  return flashcomm::sp_column_linear_w8a8(
+      x, weight, weight_scale, input_scale, input_zero_point, bias,
+      comm::resolve_group(group_name, "sp_column_linear_w8a8"), out_dtype, sp_threshold, enabled,
+      threshold, gather_output);
+}
+
+at::Tensor sp_column_linear_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& weight_scale,
+                                      const std::optional<at::Tensor>& input_scale,
+                                      const std::optional<at::Tensor>& input_zero_point,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::string& group_name, c10::ScalarType out_dtype,
+                                      int64_t, bool, int64_t, bool gather_output) {
+  constexpr const char* kOp = "sp_column_linear_w8a8";
+  const int64_t tp = comm::resolve_group(group_name, kOp)->getSize();
+  check_linear(kOp, x, weight, bias, true, "[n, K]", "[N_r, K]");
+  check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  return at::empty_symint(
+      {x.sym_size(0), gather_output ? weight.sym_size(0) * tp : weight.sym_size(0)},
+      x.options().dtype(out_dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_op(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+    double eps, const std::string& group_name, int64_t sp_threshold, bool enabled, bool gather) {
+  return flashcomm::sp_add_rms_norm(x, residual, weight, eps,
+                                    comm::resolve_group(group_name, "sp_add_rms_norm"),
+                                    sp_threshold, enabled, gather);
+}
+
+std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& residual,
+                                                        const at::Tensor& weight, double,
+                                                        const std::string& group_name, int64_t,
+                                                        bool, bool) {
+  comm::resolve_group(group_name, "sp_add_rms_norm");
+  check_norm("sp_add_rms_norm", x, residual, weight);
+  return {at::empty_symint(x.sym_sizes(), x.options()),
+          at::empty_symint(x.sym_sizes(), x.options())};
+}
+
+}  // namespace ops
+}  // namespace flashcomm

@@ -10,7 +10,7 @@ BUILD  := build/cmake
 # for the C++ API test that creates a gloo ProcessGroup in C++.
 APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
 
-.PHONY: all venv system-deps build test test-cpp test-python demo clean
+.PHONY: all venv system-deps build test test-cpp test-python demo clean fuzz sanitize soak
 
 all: build
 
@@ -18,7 +18,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet $(TORCH)
-	$(VPY) -m pip install --quiet "setuptools>=64" wheel "pytest>=8" "hypothesis>=6" numpy
+	$(VPY) -m pip install --quiet "setuptools>=64" wheel "pytest>=8" "hypothesis>=6" numpy matplotlib
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -48,3 +48,50 @@ demo: build
 
 clean:
 	rm -rf build $(VENV) python/flashcomm/*.so python/*.egg-info
+
+# Property tests (tests/test_properties.py) with many random examples per test
+# (`make test` runs a fixed 25). Failing examples are kept in .hypothesis/.
+FUZZ_EXAMPLES ?= 500
+
+fuzz: build
+	FLASHCOMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FLASHCOMM_FUZZ_DERANDOMIZE=0 \
+	  $(VPY) -m pytest tests/test_properties.py -q --hypothesis-show-statistics
+
+# ASan + UBSan build in its own directory: the C++ tests (ctest), then a smoke
+# run of the Python tests against the sanitized library (libasan preloaded into
+# Python and every spawned rank). Any sanitizer report is written under
+# $(SAN_LOGS) and fails the target.
+SAN_BUILD := build/sanitize
+SAN_LOGS  := $(SAN_BUILD)/logs
+SAN_PYTESTS := tests/test_gemm_rs.py tests/test_ag_gemm.py tests/test_w8a8.py \
+  tests/test_numerics.py tests/test_properties.py
+# Leak checking is on for the C++ tests, off under Python (the interpreter's own
+# allocations at exit are not ours).
+SAN_ASAN = abort_on_error=1:log_path=$(CURDIR)/$(SAN_LOGS)/asan
+SAN_UBSAN = UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/$(SAN_LOGS)/ubsan
+
+sanitize: venv system-deps
+	cmake -S . -B $(SAN_BUILD) $$(command -v ninja >/dev/null && echo -G Ninja) \
+	  -DCMAKE_PREFIX_PATH=$$($(VPY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
+	  -DFLASHCOMM_BUILD_TESTS=ON -DFLASHCOMM_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(SAN_BUILD) -j $$(nproc)
+	rm -rf $(SAN_LOGS) && mkdir -p $(SAN_LOGS)
+	@status=0; \
+	echo "== ctest (ASan + UBSan, leak checking on)"; \
+	ASAN_OPTIONS=detect_leaks=1:$(SAN_ASAN) $(SAN_UBSAN) \
+	  ctest --test-dir $(SAN_BUILD) --output-on-failure || status=1; \
+	echo "== pytest smoke against $(SAN_BUILD)/libflashcomm_ops.so"; \
+	ASAN_OPTIONS=detect_leaks=0:$(SAN_ASAN) $(SAN_UBSAN) \
+	  FLASHCOMM_LIB=$(CURDIR)/$(SAN_BUILD)/libflashcomm_ops.so \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  FLASHCOMM_FUZZ_EXAMPLES=5 $(VPY) -m pytest $(SAN_PYTESTS) -q -p no:cacheprovider \
+	  || status=1; \
+	if ls $(SAN_LOGS)/* >/dev/null 2>&1; then \
+	  echo "sanitizer reports:"; cat $(SAN_LOGS)/*; status=1; fi; \
+	if [ $$status -eq 0 ]; then echo "sanitize: clean (no ASan/UBSan report, all tests passed)"; \
+	else echo "sanitize: FAILED"; fi; \
+	exit $$status
+
+# 10,000 calls of each op on 2 ranks: RSS bound, counters, per-window timings.
+soak: build
+	$(VPY) benchmarks/soak.py

@@ -137,6 +137,9 @@ TORCH_LIBRARY(flashcomm, m) {
   // Registers the auto (threshold < 0) crossover of one op shape.
   m.def("set_auto_threshold(str op, int k, int n, int tp, str dtype, int threshold) -> ()",
         TORCH_FN(set_auto_threshold_op));
+  // Checks that every rank of the group holds the same collective-steering settings.
+  m.def("verify_agreement(str group_name, str[] names, int[] values, Device device) -> ()",
+        TORCH_FN(verify_agreement_op));
   // Forgets every auto crossover: threshold < 0 falls back to 1000.
   m.def("clear_auto_thresholds() -> ()", TORCH_FN(clear_auto_thresholds_op));
 }

@@ -46,6 +46,16 @@ size_t ThresholdTable::size() const {
   return table_.size();
 }
 
+std::string ThresholdTable::describe() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string text;
+  for (const auto& [key, threshold] : table_) {
+    text += key.op + "/" + std::to_string(key.k) + "/" + std::to_string(key.n) + "/" +
+            std::to_string(key.tp) + "/" + key.dtype + "=" + std::to_string(threshold) + ";";
+  }
+  return text;
+}
+
 int64_t resolve_threshold(int64_t threshold, const ShapeKey& key) {
   if (threshold >= 0) return threshold;
   return ThresholdTable::instance().lookup(key).value_or(kDefaultThreshold);

@@ -59,6 +59,8 @@ class ThresholdTable {
   std::optional<int64_t> lookup(const ShapeKey& key) const;
   void clear();
   size_t size() const;
+  // Canonical text of every entry (sorted), for hashing across ranks.
+  std::string describe() const;
 
  private:
   mutable std::mutex mu_;

@@ -4,6 +4,7 @@
 #include "comm/comm.h"
 #include "core/policy.h"
 #include "core/stats.h"
+#include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/linear.h"
 #include "ops/ops.h"
@@ -28,6 +29,7 @@ at::Tensor ag_gemm(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "ag_gemm";
   const int64_t tp = group->getSize();
   ops::check_column_parallel(kOp, x, weight, bias, num_tokens, tp, /*w8a8=*/false);
+  ops::ensure_agreement(kOp, group, x.device(), {{"threshold", threshold}, {"enabled", enabled}});
   const Strategy s = ops::decide_strategy(OpId::kAgGemm, num_tokens, x.size(1), weight.size(0), tp,
                                           x.scalar_type(), threshold, enabled);
   const at::Tensor local =
@@ -46,6 +48,7 @@ at::Tensor ag_gemm_w8a8(const at::Tensor& x, const at::Tensor& weight,
   const int64_t tp = group->getSize();
   ops::check_column_parallel(kOp, x, weight, bias, num_tokens, tp, /*w8a8=*/true);
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  ops::ensure_agreement(kOp, group, x.device(), {{"threshold", threshold}, {"enabled", enabled}});
   const Strategy s = ops::decide_strategy(OpId::kAgGemmW8A8, num_tokens, x.size(1), weight.size(0),
                                           tp, at::kChar, threshold, enabled);
   const ops::ColumnLinear linear = ops::w8a8_column_linear(x, weight, weight_scale, input_scale,

@@ -3,6 +3,7 @@
 
 #include "core/policy.h"
 #include "core/stats.h"
+#include "ops/agreement.h"
 #include "ops/ops.h"
 
 namespace flashcomm {
@@ -48,6 +49,16 @@ void set_auto_threshold_op(const std::string& op, int64_t k, int64_t n, int64_t 
 }
 
 void clear_auto_thresholds_op() { core::ThresholdTable::instance().clear(); }
+
+void verify_agreement_op(const std::string& group_name, const std::vector<std::string>& names,
+                         const std::vector<int64_t>& values, const c10::Device& device) {
+  TORCH_CHECK(names.size() == values.size(), "verify_agreement: names (", names.size(),
+              ") and values (", values.size(), ") must have the same length");
+  std::vector<core::Setting> settings;
+  for (size_t i = 0; i < names.size(); ++i) settings.push_back({names[i], values[i]});
+  verify_agreement("flashcomm.init", comm::resolve_group(group_name, "flashcomm.init"), device,
+                   settings);
+}
 
 }  // namespace ops
 }  // namespace flashcomm

@@ -4,6 +4,7 @@
 #include "comm/comm.h"
 #include "core/policy.h"
 #include "core/stats.h"
+#include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/linear.h"
 #include "ops/ops.h"
@@ -19,6 +20,7 @@ at::Tensor gemm_rs(const at::Tensor& x, const at::Tensor& weight,
                    bool enabled) {
   constexpr const char* kOp = "gemm_rs";
   ops::check_row_parallel(kOp, x, weight, bias, /*w8a8=*/false);
+  ops::ensure_agreement(kOp, group, x.device(), {{"threshold", threshold}, {"enabled", enabled}});
   const int64_t tp = group->getSize();
   const Strategy s = ops::decide_strategy(OpId::kGemmRs, x.size(0), x.size(1), weight.size(0), tp,
                                           x.scalar_type(), threshold, enabled);
@@ -37,6 +39,7 @@ at::Tensor gemm_rs_w8a8(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "gemm_rs_w8a8";
   ops::check_row_parallel(kOp, x, weight, bias, /*w8a8=*/true);
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  ops::ensure_agreement(kOp, group, x.device(), {{"threshold", threshold}, {"enabled", enabled}});
   const int64_t tp = group->getSize();
   const Strategy s = ops::decide_strategy(OpId::kGemmRsW8A8, x.size(0), x.size(1), weight.size(0),
                                           tp, at::kChar, threshold, enabled);

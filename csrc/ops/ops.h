@@ -111,5 +111,7 @@ std::vector<int64_t> get_pipeline_config_op();
 void set_auto_threshold_op(const std::string& op, int64_t k, int64_t n, int64_t tp,
                            const std::string& dtype, int64_t threshold);
 void clear_auto_thresholds_op();
+void verify_agreement_op(const std::string& group_name, const std::vector<std::string>& names,
+                         const std::vector<int64_t>& values, const c10::Device& device);
 
 }  // namespace flashcomm::ops

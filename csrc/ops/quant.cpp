@@ -40,8 +40,9 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& weight) {
   const int64_t m = a.size(0), K = a.size(1), N = weight.size(0);
   if (m == 0 || N == 0) return at::zeros({m, N}, a.options().dtype(at::kInt));
   if (K == 0) return at::zeros({m, N}, a.options().dtype(at::kInt));
-  const bool int_mm_ok =
-      a.device().is_cpu() || (a.device().is_cuda() && m > 16 && K % 8 == 0 && N % 8 == 0);
+  // CPU _int_mm returns garbage for K == 1 (torch 2.13); CUDA's has shape limits.
+  const bool int_mm_ok = (a.device().is_cpu() && K > 1) ||
+                         (a.device().is_cuda() && m > 16 && K % 8 == 0 && N % 8 == 0);
   if (int_mm_ok) return at::_int_mm(a.contiguous(), weight.t());
   // Exact fallback: every partial sum of int8 products is an integer below
   // 2^31 < 2^53, so float64 accumulation is exact.
@@ -71,7 +72,9 @@ at::Tensor pack_rows_with_scales(const at::Tensor& q, const at::Tensor& scale) {
 
 QuantizedActivation unpack_rows_with_scales(const at::Tensor& packed, int64_t K) {
   at::Tensor q = packed.narrow(1, 0, K);
-  at::Tensor scale = packed.narrow(1, K, 4).contiguous().view(at::kFloat);  // [rows, 1]
+  // A fresh copy: a one-row slice is already "contiguous" but starts at byte K,
+  // which a float view needs to be 4-aligned.
+  at::Tensor scale = packed.narrow(1, K, 4).clone(at::MemoryFormat::Contiguous).view(at::kFloat);
   if (packed.size(0) == 0) scale = scale.reshape({0, 1});
   return {q, scale};
 }

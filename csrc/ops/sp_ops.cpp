@@ -17,6 +17,7 @@
 #include "core/policy.h"
 #include "core/shard.h"
 #include "core/stats.h"
+#include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/linear.h"
 #include "ops/ops.h"
@@ -30,7 +31,12 @@ using core::RowRange;
 
 namespace {
 
-Mode decide_mode(OpId op, int64_t n, int64_t tp, int64_t sp_threshold, bool enabled) {
+Mode decide_mode(OpId op, const comm::Group& group, const at::Device& device, int64_t n,
+                 int64_t sp_threshold, bool enabled, int64_t threshold) {
+  ops::ensure_agreement(
+      core::op_name(op), group, device,
+      {{"sp_threshold", sp_threshold}, {"enabled", enabled}, {"threshold", threshold}});
+  const int64_t tp = group->getSize();
   const Mode m = core::choose_mode(n, tp, sp_threshold, enabled);
   core::Stats::instance().record(op, m);
   return m;
@@ -152,8 +158,8 @@ at::Tensor sp_row_linear(const at::Tensor& x, const at::Tensor& weight,
                          int64_t sp_threshold, bool enabled, int64_t threshold) {
   constexpr const char* kOp = "sp_row_linear";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K_r]", "[N, K_r]");
-  const Mode m =
-      decide_mode(OpId::kSpRowLinear, x.size(0), group->getSize(), sp_threshold, enabled);
+  const Mode m = decide_mode(OpId::kSpRowLinear, group, x.device(), x.size(0), sp_threshold,
+                             enabled, threshold);
   return row_parallel(kOp, OpId::kGemmRs, group, m,
                       ops::fp_row_linear(x, weight, bias, group->getRank() == 0), x.size(1),
                       x.scalar_type(), threshold);
@@ -169,8 +175,8 @@ at::Tensor sp_row_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "sp_row_linear_w8a8";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K_r]", "[N, K_r]");
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
-  const Mode m =
-      decide_mode(OpId::kSpRowLinearW8A8, x.size(0), group->getSize(), sp_threshold, enabled);
+  const Mode m = decide_mode(OpId::kSpRowLinearW8A8, group, x.device(), x.size(0), sp_threshold,
+                             enabled, threshold);
   return row_parallel(kOp, OpId::kGemmRsW8A8, group, m,
                       ops::w8a8_row_linear(x, weight, weight_scale, input_scale, input_zero_point,
                                            bias, group->getRank() == 0, out_dtype),
@@ -183,8 +189,8 @@ at::Tensor sp_column_linear(const at::Tensor& x, const at::Tensor& weight,
                             bool gather_output) {
   constexpr const char* kOp = "sp_column_linear";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K]", "[N_r, K]");
-  const Mode m =
-      decide_mode(OpId::kSpColumnLinear, x.size(0), group->getSize(), sp_threshold, enabled);
+  const Mode m = decide_mode(OpId::kSpColumnLinear, group, x.device(), x.size(0), sp_threshold,
+                             enabled, threshold);
   return column_parallel(kOp, OpId::kAgGemm, group, m, x, weight.size(0), x.scalar_type(),
                          threshold, gather_output, [&](bool sharded) {
                            const at::Tensor rows = sharded ? owned_block(x, group) : x;
@@ -202,8 +208,8 @@ at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "sp_column_linear_w8a8";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K]", "[N_r, K]");
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
-  const Mode m =
-      decide_mode(OpId::kSpColumnLinearW8A8, x.size(0), group->getSize(), sp_threshold, enabled);
+  const Mode m = decide_mode(OpId::kSpColumnLinearW8A8, group, x.device(), x.size(0), sp_threshold,
+                             enabled, threshold);
   return column_parallel(kOp, OpId::kAgGemmW8A8, group, m, x, weight.size(0), at::kChar, threshold,
                          gather_output, [&](bool sharded) {
                            if (!sharded) {
@@ -228,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
   constexpr const char* kOp = "sp_add_rms_norm";
   check_norm(kOp, x, residual, weight);
   const int64_t n = x.size(0), H = x.size(1), tp = group->getSize();
-  const Mode m = decide_mode(OpId::kSpAddRmsNorm, n, tp, sp_threshold, enabled);
+  const Mode m = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), n, sp_threshold, enabled,
+                             /*threshold=*/-1);
   const RowRange rows = m == Mode::kReplicated ? RowRange{0, n} : owned(group, n);
   auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
   const std::optional<at::Tensor> residual_rows =

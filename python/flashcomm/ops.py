@@ -185,3 +185,31 @@ def get_pipeline_config() -> tuple[int, int]:
     """``(max_chunks, min_chunk_rows)`` currently in force."""
     max_chunks, min_rows = torch.ops.flashcomm.get_pipeline_config()
     return int(max_chunks), int(min_rows)
+
+
+def init(group: Group = None, *, sp_threshold: Optional[int] = None,
+         threshold: Optional[int] = None, enabled: Optional[bool] = None,
+         device: Union[str, torch.device, None] = None, **settings: int) -> None:
+    """Verifies that every rank of ``group`` holds the same collective-steering
+    configuration: library version, pipeline chunking, tuning table, and the
+    settings given here (e.g. the model-wide ``sp_threshold``). Call it on every
+    rank (it is a collective). A difference raises the same RuntimeError on every
+    rank, naming each differing setting and every rank's value.
+
+    The ops also run this check by themselves at a group's first use (with that
+    first call's thresholds); call ``init`` again after changing the pipeline
+    config or the tuning table.
+
+    Args:
+        device: where the check's collective runs: ``"cpu"`` for gloo (default),
+            ``"cuda"`` for NCCL.
+    """
+    named = dict(settings)
+    for name, value in (("sp_threshold", sp_threshold), ("threshold", threshold),
+                        ("enabled", enabled)):
+        if value is not None:
+            named[name] = value
+    names = sorted(named)
+    values = [int(named[name]) for name in names]
+    torch.ops.flashcomm.verify_agreement(group_name(group), names, values,
+                                         torch.device(device or "cpu"))

@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/agreement.h"
 #include "core/policy.h"
 #include "core/shard.h"
 #include "core/stats.h"
@@ -162,4 +163,28 @@ TEST(Stats, CountsPerOpAndStrategyAcrossThreads) {
   EXPECT_TRUE(found);
   s.reset();
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 0);
+}
+
+TEST(Agreement, NamesEveryDifferingSettingWithEachRanksValue) {
+  const std::vector<Setting> settings{{"threshold", 0}, {"enabled", 0}, {"sp_threshold", 0}};
+  // 3 ranks x 3 settings, row r = rank r
+  const std::vector<int64_t> same{1000, 1, 64, 1000, 1, 64, 1000, 1, 64};
+  EXPECT_EQ(describe_disagreement(settings, same, 3), "");
+  const std::vector<int64_t> differ{1000, 1, 64, 10, 1, 64, 1000, 1, 32};
+  EXPECT_EQ(describe_disagreement(settings, differ, 3),
+            "'threshold': rank 0 = 1000, rank 1 = 10, rank 2 = 1000; "
+            "'sp_threshold': rank 0 = 64, rank 1 = 64, rank 2 = 32");
+}
+
+TEST(Agreement, GlobalSettingsTrackConfigAndTable) {
+  ThresholdTable::instance().clear();
+  const auto before = global_settings();
+  ThresholdTable::instance().set({"gemm_rs", 1, 2, 2, "float32"}, 5);
+  const auto after = global_settings();
+  ASSERT_EQ(before.size(), after.size());
+  EXPECT_NE(before.back().value, after.back().value);  // the table hash changed
+  EXPECT_EQ(before.front().value, after.front().value);
+  EXPECT_GE(stable_hash("x"), 0);
+  EXPECT_EQ(stable_hash("flashcomm"), stable_hash("flashcomm"));
+  ThresholdTable::instance().clear();
 }

@@ -50,6 +50,26 @@ def _ag_w8a8(x, w, ws, n, s=None, zp=None, b=None, out=bf16):
     return lambda: torch.ops.flashcomm.ag_gemm_w8a8(x, w, ws, s, zp, b, _g(), n, out)
 
 
+def _sp_row(x, w, b=None):
+    return lambda: torch.ops.flashcomm.sp_row_linear(x, w, b, _g())
+
+
+def _sp_col(x, w, b=None, group=None):
+    return lambda: torch.ops.flashcomm.sp_column_linear(x, w, b, group or _g())
+
+
+def _sp_row_w8a8(x, w, ws, s=None, zp=None, out=bf16):
+    return lambda: torch.ops.flashcomm.sp_row_linear_w8a8(x, w, ws, s, zp, None, _g(), out)
+
+
+def _sp_col_w8a8(x, w, ws, s=None, zp=None, out=bf16):
+    return lambda: torch.ops.flashcomm.sp_column_linear_w8a8(x, w, ws, s, zp, None, _g(), out)
+
+
+def _sp_norm(x, r, w, group=None):
+    return lambda: torch.ops.flashcomm.sp_add_rms_norm(x, r, w, 1e-6, group or _g())
+
+
 # (case id, call builder, expected message regex). Built on the rank, by id.
 CASES = {
     "gemm_rs/x-1d": (lambda: _gemm_rs(_t(K), _t(N, K)), r"gemm_rs: x must be 2-D \[n, K_r\]"),
@@ -120,12 +140,52 @@ CASES = {
     "ag_gemm/requires-grad": (lambda: _ag_gemm(_t(3, K).requires_grad_(), _t(N, K), 6),
                               r"ag_gemm: argument 'x' requires grad, but flashcomm ops are "
                               r"inference-only"),
+    "sp_row_linear/x-1d": (lambda: _sp_row(_t(K), _t(N, K)),
+                           r"sp_row_linear: x must be 2-D \[n, K_r\]"),
+    "sp_row_linear/k-mismatch": (lambda: _sp_row(_t(4, K), _t(N, K + 2)),
+                                 r"sp_row_linear: K mismatch: x has K = 16"),
+    "sp_row_linear/bias-len": (lambda: _sp_row(_t(4, K), _t(N, K), _t(N - 1)),
+                               r"sp_row_linear: bias must have N = weight.size\(0\) = 8"),
+    "sp_row_linear/w-int8": (lambda: _sp_row(_t(4, K), _t(N, K, dtype=i8)),
+                             r"sp_row_linear: weight dtype must match x .*use the _w8a8 op"),
+    "sp_column_linear/w-dtype": (lambda: _sp_col(_t(4, K), _t(N, K, dtype=bf16)),
+                                 r"sp_column_linear: weight dtype must match x"),
+    "sp_column_linear/device": (lambda: _sp_col(_t(4, K), _t(N, K, device="meta")),
+                                r"sp_column_linear: weight must be on x's device cpu, got meta"),
+    "sp_column_linear/group": (lambda: _sp_col(_t(4, K), _t(N, K), group="nope"),
+                               r"sp_column_linear: unknown group_name 'nope'"),
+    "sp_row_linear_w8a8/w-float": (lambda: _sp_row_w8a8(_t(4, K), _t(N, K), _t(N)),
+                                   r"sp_row_linear_w8a8: weight must be int8, got Float"),
+    "sp_row_linear_w8a8/zp-no-scale": (lambda: _sp_row_w8a8(_t(4, K), _t(N, K, dtype=i8),
+                                                            _t(N), None, ZP()),
+                                       r"sp_row_linear_w8a8: input_zero_point given without"),
+    "sp_column_linear_w8a8/x-int8-no-scale": (
+        lambda: _sp_col_w8a8(_t(4, K, dtype=i8), _t(N, K, dtype=i8), _t(N)),
+        r"sp_column_linear_w8a8: x is int8 .* input_scale is required"),
+    "sp_column_linear_w8a8/out-dtype": (
+        lambda: _sp_col_w8a8(_t(4, K), _t(N, K, dtype=i8), _t(N), out=i8),
+        r"sp_column_linear_w8a8: out_dtype must be float32, float16 or bfloat16"),
+    "sp_add_rms_norm/x-1d": (lambda: _sp_norm(_t(K), None, _t(K)),
+                             r"sp_add_rms_norm: x must be 2-D \[n, H\]"),
+    "sp_add_rms_norm/weight-len": (lambda: _sp_norm(_t(4, K), None, _t(K + 1)),
+                                   r"sp_add_rms_norm: weight must have H = 16 elements, got 17"),
+    "sp_add_rms_norm/residual-rows": (lambda: _sp_norm(_t(4, K), _t(5, K), _t(K)),
+                                      r"sp_add_rms_norm: residual must have x's n = 4 rows, "
+                                      r"got 5"),
+    "sp_add_rms_norm/residual-dtype": (lambda: _sp_norm(_t(4, K), _t(4, K, dtype=bf16), _t(K)),
+                                       r"sp_add_rms_norm: residual dtype must match x"),
+    "sp_add_rms_norm/x-int": (lambda: _sp_norm(_t(4, K, dtype=i32), None, _t(K)),
+                              r"sp_add_rms_norm: x must be floating point"),
+    "sp_add_rms_norm/requires-grad": (lambda: _sp_norm(_t(4, K).requires_grad_(), None, _t(K)),
+                                      r"sp_add_rms_norm: argument 'x' requires grad"),
 }
 
 # Cases whose check lives in the Meta kernel too (shape/dtype rules): they must
 # fail identically while torch.compile traces with fake tensors.
 FAKE_CASES = ["gemm_rs/k-mismatch", "gemm_rs/bias-len", "ag_gemm/num-tokens",
-              "gemm_rs_w8a8/w-scale-shape", "ag_gemm_w8a8/w-float", "gemm_rs/group"]
+              "gemm_rs_w8a8/w-scale-shape", "ag_gemm_w8a8/w-float", "gemm_rs/group",
+              "sp_row_linear/k-mismatch", "sp_add_rms_norm/residual-rows",
+              "sp_column_linear_w8a8/out-dtype"]
 
 
 def _error_on_rank(case_id: str, fake: bool) -> str:

@@ -10,7 +10,7 @@ BUILD  := build/cmake
 # for the C++ API test that creates a gloo ProcessGroup in C++.
 APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
 
-.PHONY: all venv system-deps build test test-cpp test-python demo clean fuzz sanitize soak
+.PHONY: all venv system-deps build test test-cpp test-python demo clean fuzz sanitize soak bench tune
 
 all: build
 
@@ -45,6 +45,14 @@ test: test-cpp test-python
 
 demo: build
 	$(VPY) -m flashcomm demo
+
+# Benchmarks (figures for BENCHMARKS.md; never pass/fail) and the tuning table.
+bench: build
+	$(VPY) -m flashcomm bench --table benchmarks/results/tuning_cpu2.json \
+	  --json flashcomm_bench.json --plot flashcomm_bench.png
+
+tune: build
+	$(VPY) -m flashcomm tune -o benchmarks/results/tuning_cpu2.json
 
 clean:
 	rm -rf build $(VENV) python/flashcomm/*.so python/*.egg-info

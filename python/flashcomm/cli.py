@@ -78,7 +78,116 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PNG path for the latency plot, '' for none (default %(default)s)")
     demo.add_argument("--ops", action="store_true",
                       help="run the compact ops (gemm_rs, ag_gemm, W8A8) alone instead")
+    _add_bench_parser(sub, d)
+    _add_tune_parser(sub, d)
     return parser
+
+
+def _pipe_configs(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            mc, mr = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected MAXxMIN items like 2x16,8x64, got {item!r}")
+        if mc < 1 or mr < 1:
+            raise argparse.ArgumentTypeError("max_chunks and min_chunk_rows must be >= 1")
+        out.append((mc, mr))
+    return tuple(out)
+
+
+def _add_model_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--tp", type=_positive, default=2, help="ranks (default %(default)s)")
+    p.add_argument("--hidden", type=_positive, default=d.model.hidden_size,
+                   help="reference-model hidden size (default %(default)s); intermediate = 2x "
+                   "hidden; the op shapes are this model's layers")
+    p.add_argument("--layers", type=_positive, default=d.model.num_layers,
+                   help="decoder layers of the model-level runs (default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="activation/weight dtype of the FP ops and the model (default "
+                   "%(default)s)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch intra-op threads per rank (default: CPUs // tp)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant "
+                   "(default %(default)s)")
+    p.add_argument("--backend", choices=("aot_eager", "inductor", "eager"), default="aot_eager",
+                   help="torch.compile backend of the model-level runs (default %(default)s)")
+
+
+def _add_bench_parser(sub, d) -> None:
+    from flashcomm.bench import DEFAULT_MODEL_TOKENS, DEFAULT_TOKENS, OPS
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark the ops against their parts and plain TP; JSON + PNG",
+        description="Spawns --tp CPU ranks in a gloo group and measures, side by side in one "
+        "run, for gemm_rs / ag_gemm (FP and W8A8) at the reference model's MLP shapes over "
+        "--tokens: GEMM alone, collective alone, plain TP (mm + all_reduce), the sharded "
+        "layout composed in Python (mm + reduce_scatter_tensor / all_gather_into_tensor), "
+        "flashcomm sequential, pipelined and auto; overlap efficiency, op overhead, "
+        "auto vs best fixed strategy; int8 vs fp32/bf16 GEMM, sum-of-chunk GEMMs vs one "
+        "GEMM, W8A8 all-gather bytes; and the compiled reference model (flashcomm vs "
+        "plain TP, crossover). Every figure is the median of --repeats (per repeat the "
+        "slowest rank). Prints a table, writes --json and --plot.",
+    )
+    _add_model_args(b, d)
+    b.add_argument("--tokens", type=_tokens, default=DEFAULT_TOKENS,
+                   help="op-level token counts (default %(default)s)")
+    b.add_argument("--model-tokens", type=_tokens, default=DEFAULT_MODEL_TOKENS,
+                   help="model-level token counts (default %(default)s)")
+    b.add_argument("--ops", default=",".join(OPS),
+                   help="comma-separated ops, '' for none (default %(default)s)")
+    b.add_argument("--repeats", type=_positive, default=5,
+                   help="timed repeats per point (default %(default)s)")
+    b.add_argument("--table", default=None,
+                   help="tuning table (from `flashcomm tune`) loaded on every rank; auto "
+                   "(threshold=-1) and the model's sp_threshold use it")
+    b.add_argument("--pipe-sweep", type=_pipe_configs, default=(),
+                   help="also time the pipelined op under these pipeline configs, "
+                   "MAX_CHUNKSxMIN_ROWS items, e.g. 2x16,8x16,4x128")
+    b.add_argument("--chunk-counts", type=_tokens, default=(1, 2, 4, 8),
+                   help="max_chunks values of the chunked-GEMM efficiency table "
+                   "(default %(default)s)")
+    b.add_argument("--no-model", action="store_true", help="skip the model-level runs")
+    b.add_argument("--no-gemm", action="store_true", help="skip the int8 vs fp GEMM table")
+    b.add_argument("--no-chunks", action="store_true", help="skip the chunked-GEMM table")
+    b.add_argument("--json", default="flashcomm_bench.json",
+                   help="JSON output path, '' for none (default %(default)s)")
+    b.add_argument("--plot", default="flashcomm_bench.png",
+                   help="PNG path, '' for none (default %(default)s)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_tune_parser(sub, d) -> None:
+    from flashcomm.tuning import DEFAULT_TOKENS
+
+    t = sub.add_parser(
+        "tune",
+        help="measure the sequential/pipelined crossovers here; write a tuning table",
+        description="Spawns --tp CPU ranks in a gloo group and measures, for every "
+        "compact-op shape of the reference model (FP and W8A8), the sequential and the "
+        "pipelined strategy over --tokens; the crossover (pipelined iff n > threshold) of "
+        "each shape, and the model-level sp_threshold (compiled model forced sharded vs "
+        "forced replicated), go into a versioned JSON table written atomically with a "
+        "content hash. Load it with flashcomm.tuning.load_and_apply(path) on every rank "
+        "(ops called with threshold < 0 then use it), or `flashcomm bench --table`.",
+    )
+    _add_model_args(t, d)
+    t.add_argument("--tokens", type=_tokens, default=DEFAULT_TOKENS,
+                   help="token grid, increasing (default %(default)s)")
+    t.add_argument("--model-tokens", type=_tokens, default=(256, 512, 1024, 2048),
+                   help="model-level token grid (default %(default)s)")
+    t.add_argument("--repeats", type=_positive, default=3,
+                   help="timed repeats per point (default %(default)s)")
+    t.add_argument("--margin", type=float, default=0.0,
+                   help="pipelined must beat sequential by this fraction to count as a win "
+                   "(default %(default)s)")
+    t.add_argument("--no-w8a8", action="store_true", help="skip the W8A8 op shapes")
+    t.add_argument("--no-fp", action="store_true", help="skip the FP op shapes")
+    t.add_argument("--no-model", action="store_true", help="skip the model-level sp_threshold")
+    t.add_argument("--output", "-o", default="flashcomm_tuning.json",
+                   help="table path (default %(default)s)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,7 +196,72 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         return _demo(args)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "tune":
+        return _tune(args)
     return 2
+
+
+def _model_of(args: argparse.Namespace, command: str):
+    from flashcomm.model_demo import DEMO_MODEL
+
+    model = replace(DEMO_MODEL, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                    num_layers=args.layers, head_dim=max(1, args.hidden // DEMO_MODEL.num_heads))
+    try:
+        model.check_tp(args.tp)
+    except ValueError as e:
+        print(f"flashcomm {command}: {e}", file=sys.stderr)
+        return None
+    return model
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from flashcomm.bench import OPS, BenchConfig, format_report, run_bench, write_json, write_plot
+
+    model = _model_of(args, "bench")
+    if model is None:
+        return 2
+    ops = tuple(o for o in args.ops.split(",") if o)
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        print(f"flashcomm bench: unknown ops {bad}; choose from {OPS}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(tp=args.tp, model=model, dtype=args.dtype, ops=ops, tokens=args.tokens,
+                      model_tokens=args.model_tokens, run_model=not args.no_model,
+                      run_gemm=not args.no_gemm, run_chunks=not args.no_chunks,
+                      pipe_sweep=args.pipe_sweep, chunk_counts=args.chunk_counts,
+                      warmup=args.warmup, repeats=args.repeats, threads_per_rank=args.threads,
+                      table=args.table, backend=args.backend, json_path=args.json or None,
+                      plot=args.plot or None)
+    result = run_bench(cfg, progress=not args.quiet)
+    print(format_report(result))
+    if cfg.json_path:
+        write_json(result, cfg.json_path)
+        print(f"json: {cfg.json_path}")
+    if cfg.plot:
+        write_plot(result, cfg.plot)
+        print(f"plot: {cfg.plot}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from flashcomm.tuning import TuneConfig, format_table, run_tune, save_table
+
+    model = _model_of(args, "tune")
+    if model is None:
+        return 2
+    tokens = tuple(sorted(set(args.tokens)))
+    cfg = TuneConfig(tp=args.tp, model=model, dtype=args.dtype, w8a8=not args.no_w8a8,
+                     fp=not args.no_fp, tokens=tokens,
+                     model_tokens=tuple(sorted(set(args.model_tokens))),
+                     tune_model=not args.no_model, warmup=args.warmup, repeats=args.repeats,
+                     threads_per_rank=args.threads, margin=args.margin, backend=args.backend)
+    table = run_tune(cfg, progress=not args.quiet)
+    digest = save_table(table, args.output)
+    print(format_table(table))
+    print(f"table: {args.output} (content hash {digest[:16]}...)")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

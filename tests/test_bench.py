@@ -1,0 +1,67 @@
+"""`flashcomm bench` and `flashcomm tune` smoke runs with tiny sizes (the real CLI in a
+subprocess, real spawned ranks): they finish and write the expected fields. No
+timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from flashcomm import tuning
+
+
+def _run(*args: str, cwd) -> str:
+    proc = subprocess.run([sys.executable, "-m", "flashcomm", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_and_tune_smoke(tmp_path):
+    table = tmp_path / "table.json"
+    out = _run("tune", "--hidden", "64", "--tokens", "8,40", "--model-tokens", "8,40",
+               "--repeats", "1", "--warmup", "0", "--layers", "1", "--quiet",
+               "-o", str(table), cwd=tmp_path)
+    assert "fingerprint" in out
+    t = tuning.load_table(str(table))
+    assert len(t.entries) == 8  # 4 distinct FP op shapes of the model + 4 W8A8
+    assert all(e.tp == 2 for e in t.entries) and t.sp_threshold is not None
+
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    out = _run("bench", "--hidden", "64", "--tokens", "1,40", "--model-tokens", "1,40",
+               "--layers", "1", "--repeats", "1", "--warmup", "0", "--pipe-sweep", "2x4",
+               "--chunk-counts", "1,2", "--table", str(table), "--json", str(js),
+               "--plot", str(png), "--quiet", cwd=tmp_path)
+    assert "overlap" in out and "crossover" in out
+    r = json.loads(js.read_text())
+    assert r["machine"]["world_size"] == 2 and r["machine"]["logical_cpus"] >= 1
+    assert r["table"]["fingerprint"] == tuning.table_fingerprint(t)
+    assert {row["op"] for row in r["ops"]} == {"gemm_rs", "ag_gemm", "gemm_rs_w8a8",
+                                               "ag_gemm_w8a8"}
+    for row in r["ops"]:
+        for f in ("gemm_ms", "comm_ms", "py_ms", "seq_ms", "pipe_ms", "auto_ms", "pipe@2x4_ms",
+                  "overlap_efficiency", "seq_overhead_ms", "auto_vs_best", "best_fixed"):
+            assert f in row, (row["op"], f)
+        if row["op"].startswith("gemm_rs"):
+            assert "tp_ar_ms" in row
+    assert [g["n"] for g in r["gemm"]] == [1, 40]
+    assert {"fp32_ms", "bf16_ms", "int8_ms", "w8a8_ms"} <= set(r["gemm"][0])
+    assert "chunks2_efficiency" in r["chunks"][0]
+    assert r["w8a8_bytes"][0]["w8a8_vs_bf16"] < 1
+    assert [m["n"] for m in r["model"]] == [1, 40]
+    assert {"tp_ms", "flashcomm_ms", "sharded_ms", "replicated_ms"} <= set(r["model"][0])
+    assert "model_crossover" in r and "gemm_rs" in r["summary"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_help_lists_flags():
+    out = subprocess.run([sys.executable, "-m", "flashcomm", "bench", "--help"],
+                         capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--tokens", "--repeats", "--table", "--pipe-sweep", "--json", "--plot",
+                 "--threads"):
+        assert flag in out
+    out = subprocess.run([sys.executable, "-m", "flashcomm", "tune", "--help"],
+                         capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--tokens", "--output", "--margin", "--no-model"):
+        assert flag in out

@@ -63,7 +63,8 @@ FUZZ_EXAMPLES ?= 500
 
 fuzz: build
 	FLASHCOMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FLASHCOMM_FUZZ_DERANDOMIZE=0 \
-	  $(VPY) -m pytest tests/test_properties.py -q --hypothesis-show-statistics
+	  $(VPY) -m pytest tests/test_properties.py tests/test_sp_properties.py -q \
+	  --hypothesis-show-statistics
 
 # ASan + UBSan build in its own directory: the C++ tests (ctest), then a smoke
 # run of the Python tests against the sanitized library (libasan preloaded into

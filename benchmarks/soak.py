@@ -1,4 +1,4 @@
-"""Soak test: many calls of every compact op on a real gloo group (default 10,000
+"""Soak test: many calls of every op (compact and layout-invariant) on a real gloo group (default 10,000
 calls per op on 2 CPU ranks), watching for leaks, counter drift and slowdown.
 
 For each op, every rank builds its inputs once, warms up, clears the counters and
@@ -31,8 +31,15 @@ import flashcomm
 from flashcomm.reference import feature_slice, quantize_weight_per_channel, token_shard
 from flashcomm.testing import RankPool
 
-OPS = ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8")
+OPS = ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8", "sp_row_linear",
+       "sp_column_linear", "sp_row_linear_w8a8", "sp_column_linear_w8a8", "sp_add_rms_norm")
 STRATEGIES = ("sequential", "pipelined")
+MODES = ("replicated", "sharded")  # the paths of the layout-invariant (sp_*) ops
+
+
+def paths(op: str) -> tuple[str, str]:
+    """The two counted paths of `op`: below / above its threshold."""
+    return MODES if op.startswith("sp_") else STRATEGIES
 
 
 def rss_mib() -> float:
@@ -59,6 +66,25 @@ def _make_call(op: str, n: int, hidden: int, threshold: int, seed: int):
         x, wr = feature_slice(x_full, tp, rank, 1), feature_slice(w_q, tp, rank, 1)
         return lambda: flashcomm.gemm_rs_w8a8(x, wr, w_s, None, None, bias, None,
                                               torch.float32, threshold)
+    if op.startswith("sp_"):
+        # Layout-invariant ops: `threshold` is the model-wide sp_threshold.
+        xr = feature_slice(x_full, tp, rank, 1)
+        wc, bc = feature_slice(w, tp, rank, 0), feature_slice(bias, tp, rank, 0)
+        wqc, wsc = feature_slice(w_q, tp, rank, 0), feature_slice(w_s, tp, rank, 0)
+        calls = {
+            "sp_row_linear": lambda: flashcomm.sp_row_linear(
+                xr, feature_slice(w, tp, rank, 1), bias, None, threshold),
+            "sp_column_linear": lambda: flashcomm.sp_column_linear(x_full, wc, bc, None,
+                                                                   threshold),
+            "sp_row_linear_w8a8": lambda: flashcomm.sp_row_linear_w8a8(
+                xr, feature_slice(w_q, tp, rank, 1), w_s, None, None, bias, None,
+                torch.float32, threshold),
+            "sp_column_linear_w8a8": lambda: flashcomm.sp_column_linear_w8a8(
+                x_full, wqc, wsc, None, None, bc, None, torch.float32, threshold),
+            "sp_add_rms_norm": lambda: flashcomm.sp_add_rms_norm(
+                x_full, x_full, bias, 1e-6, None, threshold, True, True),
+        }
+        return calls[op]
     shard = token_shard(x_full, tp, rank)
     b = feature_slice(bias, tp, rank, 0)
     if op == "ag_gemm":
@@ -152,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 if ratio > args.warn_slowdown:
                     print(f"  WARNING {op} rank {r}: last windows {ratio:.2f}x slower "
                           "than the first")
-                want = {s: args.calls // 2 for s in STRATEGIES}
+                want = {s: args.calls // 2 for s in paths(op)}
                 for other, counts in res["stats"].items():
-                    expect = want if other == op else {s: 0 for s in STRATEGIES}
-                    got = {s: counts.get(s, 0) for s in STRATEGIES}
+                    if op.startswith("sp_") and other != op:
+                        continue  # sharded sp ops also count the compact kernels they run
+                    expect = want if other == op else {s: 0 for s in paths(other)}
+                    got = {s: counts.get(s, 0) for s in paths(other)}
                     if got != expect:
                         failures.append(f"{op} rank {r}: counters of {other} are {got}, "
                                         f"expected {expect}")

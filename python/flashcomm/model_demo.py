@@ -173,7 +173,8 @@ def write_plot(rows: list[ModelDemoRow], cfg: ModelDemoConfig, path: str) -> Non
     ax.plot(ns, [last[n].flashcomm_ms for n in ns], "o-", label="flashcomm (layout-invariant)")
     ax.plot(ns, [last[n].plain_tp_ms for n in ns], "s--", label="plain TP (GEMM + all-reduce)")
     ax.axvline(cfg.sp_threshold, color="grey", linestyle=":", label="sp_threshold")
-    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("tokens per forward (n)")
     ax.set_ylabel("latency per forward (ms, median)")
     ax.set_title(f"reference decoder, tp={cfg.tp} CPU/gloo, {cfg.dtype}"

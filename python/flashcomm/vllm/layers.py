@@ -1,0 +1,411 @@
+"""flashcomm-backed replacements of vLLM's parallel linear layers and boundary RMSNorm.
+
+The classes subclass vLLM's own (``RowParallelLinear``, ``ColumnParallelLinear``,
+``MergedColumnParallelLinear``, ``QKVParallelLinear``, ``RMSNorm``) and are registered
+out-of-tree under the original class names, so vLLM instantiates them while it builds
+the model. Until :func:`convert_model` activates them they behave exactly like the
+originals (per-head ``q_norm`` / ``k_norm`` and any layer outside the decoder pattern
+stay that way).
+
+:func:`convert_model` runs after the model is built and **before weights load** (hook
+on ``BaseModelLoader.create_model``, see :mod:`flashcomm.vllm.plugin`). It validates
+the whole configuration and model first and refuses (``FlashcommUnsupportedError``)
+rather than converting half-way. It then, per decoder layer:
+
+* ``input_layernorm`` / ``post_attention_layernorm`` -> ``sp_add_rms_norm``;
+  the final ``model.norm`` -> ``sp_add_rms_norm(gather=True)``;
+* ``qkv_proj`` / ``gate_up_proj`` -> ``sp_column_linear[_w8a8]``;
+* ``o_proj`` / ``down_proj`` -> ``sp_row_linear[_w8a8]``,
+
+and wraps each converted layer's quant method so that ``process_weights_after_loading``
+keeps the weights in flashcomm's layout (``[N, K]`` FP, or int8 ``[N, K]`` with fp32
+per-channel scales) instead of vLLM's CPU repack (which drops ``layer.weight``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import flashcomm  # noqa: F401  (loads the op library)
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+
+logger = logging.getLogger("flashcomm.vllm")
+
+DISABLE_HINT = ("To run this model without flashcomm, unset FLASHCOMM_ENABLE (or set "
+                "FLASHCOMM_ENABLE=0).")
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+
+# hf_config keys that mark a mixture-of-experts model.
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                   "num_experts_per_tok", "moe_intermediate_size")
+
+
+class FlashcommUnsupportedError(RuntimeError):
+    """The model or configuration cannot run with flashcomm; nothing was converted."""
+
+
+def refuse(reason: str) -> FlashcommUnsupportedError:
+    return FlashcommUnsupportedError(
+        f"flashcomm: refusing to enable flashcomm for this vLLM model: {reason}. "
+        f"{DISABLE_HINT}")
+
+
+@dataclass(frozen=True)
+class FcState:
+    """What an activated layer needs at run time (plain Python: constant under dynamo)."""
+
+    group_name: str
+    sp_threshold: int
+    threshold: int = -1  # compact kernels' strategy threshold (< 0: auto)
+    w8a8: bool = False
+    gather: bool = False  # final norm only
+
+
+# ---------------------------------------------------------------------------------------
+# Weight capture (runs instead of vLLM's process_weights_after_loading)
+# ---------------------------------------------------------------------------------------
+
+def _w8a8_scheme(layer: nn.Module) -> Any:
+    return getattr(layer, "scheme", None)
+
+
+def classify_quant_method(layer: nn.Module) -> Optional[str]:
+    """``"fp"``, ``"w8a8"`` or None (unsupported) for a linear layer's quant method."""
+    qm = getattr(layer, "quant_method", None)
+    if isinstance(qm, UnquantizedLinearMethod):
+        return "fp"
+    scheme = _w8a8_scheme(layer)
+    if type(qm).__name__ == "CompressedTensorsLinearMethod" and \
+            type(scheme).__name__ == "CompressedTensorsW8A8Int8":
+        if not scheme.is_static_input_scheme and not scheme.input_symmetric:
+            return None  # dynamic asymmetric: flashcomm quantises dynamic symmetric only
+        return "w8a8"
+    return None
+
+
+def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.data.detach()
+
+
+def capture_fp(layer: nn.Module) -> None:
+    """Keep ``layer.weight`` ``[N, K]`` as the buffer ``fc_weight`` (shared storage)."""
+    layer.register_buffer("fc_weight", _plain(layer.weight), persistent=False)
+
+
+def capture_w8a8(layer: nn.Module) -> None:
+    """Take the int8 weight and scales of a CompressedTensorsW8A8Int8 layer before vLLM's
+    kernel repacks them, mirroring the kernel's own scale conversions:
+    per-tensor weight scales of fused layers -> per-channel; static input scales of
+    fused layers -> their max (symmetric) or a merged range (asymmetric)."""
+    scheme = _w8a8_scheme(layer)
+    weight = _plain(layer.weight)
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise refuse(f"{layer.prefix}: expected an int8 [N, K] weight, got {weight.dtype} "
+                     f"{tuple(weight.shape)}")
+    w_scale = _plain(layer.weight_scale).to(torch.float32)
+    logical_widths = list(getattr(layer, "logical_widths", [weight.shape[0]]))
+    if w_scale.numel() != weight.shape[0]:
+        if w_scale.numel() == 1:
+            w_scale = w_scale.reshape(1)
+        else:  # per-tensor scale per fused shard -> per channel
+            w_scale = torch.cat([w_scale.reshape(-1)[i].expand(w)
+                                 for i, w in enumerate(logical_widths)]).contiguous()
+    else:
+        w_scale = w_scale.reshape(-1).contiguous()
+    in_scale = in_zp = None
+    if scheme.is_static_input_scheme:
+        s = _plain(layer.input_scale).to(torch.float32).reshape(-1)
+        if scheme.input_symmetric:
+            in_scale = s.max().reshape(1)
+        else:
+            zp = _plain(layer.input_zero_point).to(torch.int32).reshape(-1)
+            i8 = torch.iinfo(torch.int8)
+            range_max = (s * (i8.max - zp)).max()
+            range_min = (s * (i8.min - zp)).min()
+            in_scale = ((range_max - range_min) / (i8.max - i8.min)).reshape(1)
+            in_zp = (i8.min - range_min / in_scale).round().to(torch.int32).reshape(1)
+    layer.register_buffer("fc_weight", weight, persistent=False)
+    layer.register_buffer("fc_weight_scale", w_scale, persistent=False)
+    layer.register_buffer("fc_input_scale", in_scale, persistent=False)
+    layer.register_buffer("fc_input_zero_point", in_zp, persistent=False)
+
+
+def wrap_process_weights(layer: nn.Module, kind: str) -> None:
+    """Replace (on this quant-method instance only) vLLM's process_weights_after_loading
+    by flashcomm's capture: the weights stay in flashcomm's layout and vLLM's CPU repack,
+    which empties ``layer.weight``, never runs."""
+    qm = layer.quant_method
+    capture = capture_fp if kind == "fp" else capture_w8a8
+    original = qm.process_weights_after_loading
+
+    def process_weights_after_loading(target: nn.Module) -> None:
+        if getattr(target, "_fc_state", None) is not None:
+            capture(target)
+        else:
+            original(target)
+
+    qm.process_weights_after_loading = process_weights_after_loading
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+
+def _bias_for(layer: nn.Module) -> Optional[torch.Tensor]:
+    return None if layer.skip_bias_add else layer.bias
+
+
+def _ret(layer: nn.Module, out: torch.Tensor):
+    if not layer.return_bias:
+        return out
+    return out, (layer.bias if layer.skip_bias_add else None)
+
+
+class _FlashcommColumnMixin:
+    """Column-parallel forward through ``sp_column_linear[_w8a8]``."""
+
+    _fc_state: Optional[FcState] = None
+
+    def forward(self, input_):
+        st = self._fc_state
+        if st is None:
+            return super().forward(input_)
+        x = input_.reshape(-1, input_.shape[-1])
+        bias = _bias_for(self)
+        gather = bool(self.gather_output and self.tp_size > 1)
+        if st.w8a8:
+            out = torch.ops.flashcomm.sp_column_linear_w8a8(
+                x, self.fc_weight, self.fc_weight_scale, self.fc_input_scale,
+                self.fc_input_zero_point, bias, st.group_name, x.dtype, st.sp_threshold, True,
+                st.threshold, gather)
+        else:
+            out = torch.ops.flashcomm.sp_column_linear(
+                x, self.fc_weight, bias, st.group_name, st.sp_threshold, True, st.threshold,
+                gather)
+        return _ret(self, out.reshape(*input_.shape[:-1], out.shape[-1]))
+
+
+class FlashcommColumnParallelLinear(_FlashcommColumnMixin, ColumnParallelLinear):
+    pass
+
+
+class FlashcommMergedColumnParallelLinear(_FlashcommColumnMixin, MergedColumnParallelLinear):
+    pass
+
+
+class FlashcommQKVParallelLinear(_FlashcommColumnMixin, QKVParallelLinear):
+    pass
+
+
+class FlashcommRowParallelLinear(RowParallelLinear):
+    """Row-parallel forward through ``sp_row_linear[_w8a8]`` (all-reduce when
+    replicated, GEMM + reduce-scatter into the owned rows when sharded). Converted only
+    where ``reduce_results`` is True."""
+
+    _fc_state: Optional[FcState] = None
+
+    def forward(self, input_):
+        st = self._fc_state
+        if st is None:
+            return super().forward(input_)
+        if self.input_is_parallel:
+            x = input_
+        else:
+            x = input_.chunk(self.tp_size, dim=-1)[self.tp_rank].contiguous()
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        # vLLM's convention: bias on rank 0 only; the op adds it once per row.
+        bias = None if (self.tp_rank > 0 or self.skip_bias_add) else self.bias
+        if st.w8a8:
+            out = torch.ops.flashcomm.sp_row_linear_w8a8(
+                x, self.fc_weight, self.fc_weight_scale, self.fc_input_scale,
+                self.fc_input_zero_point, bias, st.group_name, x.dtype, st.sp_threshold, True,
+                st.threshold)
+        else:
+            out = torch.ops.flashcomm.sp_row_linear(x, self.fc_weight, bias, st.group_name,
+                                                    st.sp_threshold, True, st.threshold)
+        return _ret(self, out.reshape(*lead, out.shape[-1]))
+
+
+class FlashcommRMSNorm(RMSNorm):
+    """vLLM's RMSNorm; once marked as a boundary norm, ``sp_add_rms_norm`` (same
+    numerics as vLLM's native fused add + RMSNorm, on the owned rows when sharded)."""
+
+    _fc_state: Optional[FcState] = None
+
+    def forward(self, x, residual=None):
+        st = self._fc_state
+        if st is None:
+            return super().forward(x, residual)
+        normed, res = torch.ops.flashcomm.sp_add_rms_norm(
+            x, residual, self.weight.data, self.variance_epsilon, st.group_name,
+            st.sp_threshold, True, st.gather)
+        return normed if residual is None else (normed, res)
+
+
+LINEAR_SWAPS = {
+    "RowParallelLinear": FlashcommRowParallelLinear,
+    "ColumnParallelLinear": FlashcommColumnParallelLinear,
+    "MergedColumnParallelLinear": FlashcommMergedColumnParallelLinear,
+    "QKVParallelLinear": FlashcommQKVParallelLinear,
+}
+FLASHCOMM_LINEAR_TYPES = tuple(LINEAR_SWAPS.values())
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Register the replacement classes with vLLM (idempotent, per process)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from vllm.model_executor.custom_op import CustomOp, PluggableLayer, op_registry_oot
+    for name, cls in LINEAR_SWAPS.items():
+        if op_registry_oot.get(name) is not cls:
+            PluggableLayer.register_oot(cls, name=name)
+    if op_registry_oot.get("RMSNorm") is not FlashcommRMSNorm:
+        CustomOp.register_oot(FlashcommRMSNorm, name="RMSNorm")
+    # register_oot renames the class for the enable/disable lookup; keep vLLM's own
+    # op name so `custom_ops=["+rms_norm"]` still means the same.
+    FlashcommRMSNorm.name = RMSNorm.name
+    _INSTALLED = True
+
+
+# ---------------------------------------------------------------------------------------
+# Validation and conversion
+# ---------------------------------------------------------------------------------------
+
+def check_config(vllm_config: Any) -> None:
+    """Refuse configurations flashcomm cannot run correctly (raises)."""
+    mc = vllm_config.model_config
+    hf = getattr(mc, "hf_config", None)
+    archs = list(getattr(hf, "architectures", None) or [])
+    if not archs or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+        raise refuse(f"architecture {archs} is not supported (supported dense decoders: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+    texts = [hf] + [getattr(hf, "text_config", None)]
+    for cfg in texts:
+        for key in MOE_CONFIG_KEYS:
+            if cfg is not None and getattr(cfg, key, None):
+                raise refuse(f"mixture-of-experts models are not supported (config has "
+                             f"{key}={getattr(cfg, key)})")
+    pc = vllm_config.parallel_config
+    if getattr(pc, "pipeline_parallel_size", 1) > 1:
+        raise refuse(f"pipeline parallelism is not supported (pipeline_parallel_size="
+                     f"{pc.pipeline_parallel_size})")
+    for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(pc, attr, 1) > 1:
+            raise refuse(f"context parallelism is not supported ({attr}={getattr(pc, attr)})")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        raise refuse("LoRA is not supported")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise refuse("speculative decoding is not supported")
+    passes = vllm_config.compilation_config.pass_config
+    for attr in ("fuse_allreduce_rms", "enable_sp", "fuse_gemm_comms", "enable_async_tp",
+                 "enable_sequence_parallelism"):
+        if getattr(passes, attr, False):
+            raise refuse(f"vLLM's compilation pass {attr} is on; it rewrites the same "
+                         f"collectives (turn it off to use flashcomm)")
+
+
+def _expected_layout(model: nn.Module) -> tuple[dict[str, tuple[str, bool]], list[nn.Module]]:
+    """Expected converted modules: name -> (role, gather) ; and the decoder layers."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not isinstance(getattr(inner, "norm", None),
+                                                         FlashcommRMSNorm):
+        raise refuse(f"{type(model).__name__} does not have the model.layers / model.norm "
+                     f"structure of a supported dense decoder")
+    expect: dict[str, tuple[str, bool]] = {"model.norm": ("norm", True)}
+    for i, _ in enumerate(layers):
+        p = f"model.layers.{i}."
+        expect[p + "input_layernorm"] = ("norm", False)
+        expect[p + "post_attention_layernorm"] = ("norm", False)
+        expect[p + "self_attn.qkv_proj"] = ("column", False)
+        expect[p + "self_attn.o_proj"] = ("row", False)
+        expect[p + "mlp.gate_up_proj"] = ("column", False)
+        expect[p + "mlp.down_proj"] = ("row", False)
+    return expect, list(layers)
+
+
+def check_model(model: nn.Module, tp_size: int) -> dict[str, tuple[nn.Module, str, bool, str]]:
+    """Every expected module present with the right type and a supported quant method,
+    and no parallel linear layer anywhere else. Returns name -> (module, role, gather,
+    kind). Raises (refuses) otherwise."""
+    expect, _ = _expected_layout(model)
+    modules = dict(model.named_modules())
+    plan: dict[str, tuple[nn.Module, str, bool, str]] = {}
+    for name, (role, gather) in expect.items():
+        mod = modules.get(name)
+        want = {"norm": FlashcommRMSNorm, "column": _FlashcommColumnMixin,
+                "row": FlashcommRowParallelLinear}[role]
+        if not isinstance(mod, want):
+            raise refuse(f"{name} is {type(mod).__name__}, expected vLLM's "
+                         f"{want.__name__.replace('Flashcomm', '').lstrip('_')}")
+        kind = "norm"
+        if role == "norm":
+            if not mod.has_weight or mod.variance_size_override is not None:
+                raise refuse(f"{name}: RMSNorm without weight or with a variance size "
+                             f"override is not supported")
+        else:
+            kind = classify_quant_method(mod)
+            if kind is None:
+                qm = mod.quant_method
+                raise refuse(f"{name}: quantization {type(qm).__name__}"
+                             f"({type(_w8a8_scheme(mod)).__name__}) is not supported (FP and "
+                             f"compressed-tensors W8A8 int8 are)")
+            if getattr(mod, "tp_size", tp_size) != tp_size:
+                raise refuse(f"{name} does not use the tensor-parallel group (disable_tp)")
+            if role == "row" and not mod.reduce_results:
+                raise refuse(f"{name} has reduce_results=False")
+            if role == "column" and mod.gather_output:
+                raise refuse(f"{name} has gather_output=True")
+        plan[name] = (mod, role, gather, kind)
+    for name, mod in modules.items():
+        if isinstance(mod, FLASHCOMM_LINEAR_TYPES) and name not in plan:
+            raise refuse(f"parallel linear layer {name} ({type(mod).__name__}) is outside the "
+                         f"decoder pattern flashcomm knows (norm -> column -> ... -> row)")
+    return plan
+
+
+def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
+                  threshold: int = -1) -> int:
+    """Validate and activate flashcomm on a freshly built (not yet loaded) vLLM model.
+    All or nothing: raises :class:`FlashcommUnsupportedError` before touching anything.
+    Returns the number of converted modules."""
+    from vllm.distributed import get_tp_group
+    check_config(vllm_config)
+    group = get_tp_group()
+    plan = check_model(model, group.world_size)
+    gname = group.device_group.group_name
+    for name, (mod, role, gather, kind) in plan.items():
+        if role != "norm":
+            wrap_process_weights(mod, kind)
+        mod._fc_state = FcState(group_name=gname, sp_threshold=int(sp_threshold),
+                                threshold=int(threshold), w8a8=(kind == "w8a8"),
+                                gather=gather)
+    # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, dict):
+        extra["flashcomm"] = {"sp_threshold": int(sp_threshold), "threshold": int(threshold),
+                              "version": flashcomm.__version__}
+    logger.info("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, group %s)",
+                len(plan), type(model).__name__, group.world_size, sp_threshold, gname)
+    if os.environ.get("FLASHCOMM_VLLM_VERBOSE"):
+        print(f"flashcomm: converted {len(plan)} modules (pid {os.getpid()})", flush=True)
+    return len(plan)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -49,3 +52,11 @@ def linear_inputs(n: int, k: int, out_features: int, dtype: torch.dtype, with_bi
     w = (torch.randn(out_features, k, generator=g) / k**0.5).to(dtype)
     b = torch.randn(out_features, generator=g).to(dtype) if with_bias else None
     return x, w, b
+
+
+def run_cli(*args: str, cwd, timeout_s: int = 600) -> str:
+    """``python -m flashcomm <args>`` in a subprocess; asserts success, returns stdout."""
+    proc = subprocess.run([sys.executable, "-m", "flashcomm", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

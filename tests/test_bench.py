@@ -10,17 +10,13 @@ import sys
 
 from flashcomm import tuning
 
+from _cases import run_cli
 
-def _run(*args: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, "-m", "flashcomm", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_bench_and_tune_smoke(tmp_path):
     table = tmp_path / "table.json"
-    out = _run("tune", "--hidden", "64", "--tokens", "8,40", "--model-tokens", "8,40",
+    out = run_cli("tune", "--hidden", "64", "--tokens", "8,40", "--model-tokens", "8,40",
                "--repeats", "1", "--warmup", "0", "--layers", "1", "--quiet",
                "-o", str(table), cwd=tmp_path)
     assert "fingerprint" in out
@@ -29,7 +25,7 @@ def test_bench_and_tune_smoke(tmp_path):
     assert all(e.tp == 2 for e in t.entries) and t.sp_threshold is not None
 
     js, png = tmp_path / "b.json", tmp_path / "b.png"
-    out = _run("bench", "--hidden", "64", "--tokens", "1,40", "--model-tokens", "1,40",
+    out = run_cli("bench", "--hidden", "64", "--tokens", "1,40", "--model-tokens", "1,40",
                "--layers", "1", "--repeats", "1", "--warmup", "0", "--pipe-sweep", "2x4",
                "--chunk-counts", "1,2", "--table", str(table), "--json", str(js),
                "--plot", str(png), "--quiet", cwd=tmp_path)

@@ -6,18 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
-def _run(*args: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, "-m", "flashcomm", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+from _cases import run_cli
 
 
 def test_model_demo_runs_end_to_end(tmp_path):
     plot = tmp_path / "demo.png"
-    out = _run("demo", "--tp", "2", "--hidden", "64", "--layers", "1", "--tokens", "1,5,9,40,9",
-               "--sp-threshold", "8", "--repeats", "1", "--plot", str(plot), cwd=tmp_path)
+    out = run_cli("demo", "--tp", "2", "--hidden", "64", "--layers", "1", "--tokens",
+                  "1,5,9,40,9", "--sp-threshold", "8", "--repeats", "1", "--plot", str(plot),
+                  cwd=tmp_path)
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in lines] == [1, 5, 9, 40, 9]
     modes = {int(r[0]): r[1] for r in lines}
@@ -29,7 +25,7 @@ def test_model_demo_runs_end_to_end(tmp_path):
 
 
 def test_ops_demo_runs_end_to_end(tmp_path):
-    out = _run("demo", "--ops", "--tokens", "3,1001", "--hidden", "64", "--repeats", "1",
+    out = run_cli("demo", "--ops", "--tokens", "3,1001", "--hidden", "64", "--repeats", "1",
                cwd=tmp_path)
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and
             line.split()[0] in ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8")]

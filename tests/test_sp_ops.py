@@ -104,6 +104,25 @@ def _check_rows(out, want, valid, dtype):
     assert torch.isnan(out[:lo]).all() and torch.isnan(out[hi:]).all()
 
 
+def _valid_for(mode, n, tp, rank):
+    """Rows of an [n, ...] output that must be valid on `rank` in `mode`."""
+    return (0, n) if mode == "replicated" else flashcomm.owned_rows(n, tp, rank)
+
+
+def _check_norm_results(results, want_normed, want_residual, n, tp, mode, dtype, gather):
+    """Per rank: the mode counter, the residual's valid rows, and the normed output
+    (every row with `gather`, else the valid rows); don't-care rows are NaN."""
+    for rank, ((normed, res_out), counts) in enumerate(results):
+        _check_mode(counts, mode)
+        assert normed.shape == res_out.shape == want_normed.shape
+        valid = _valid_for(mode, n, tp, rank)
+        _check_rows(res_out, want_residual, valid, dtype)
+        if gather:
+            assert relative_error(normed, want_normed) <= RTOL[dtype]
+        else:
+            _check_rows(normed, want_normed, valid, dtype)
+
+
 def _weights(w8a8, out_features, k, g):
     w = torch.randn(out_features, k, generator=g) / k**0.5
     return (w, w) if not w8a8 else (quantize_weight_per_channel(w), w)
@@ -125,8 +144,7 @@ def test_sp_row_linear(ranks, tp, w8a8):
         for rank, (out, counts) in enumerate(results):
             assert out.shape == (n, N)
             _check_mode(counts, mode)
-            valid = (0, n) if mode == "replicated" else flashcomm.owned_rows(n, tp, rank)
-            _check_rows(out, want, valid, torch.float32)
+            _check_rows(out, want, _valid_for(mode, n, tp, rank), torch.float32)
 
 
 @pytest.mark.parametrize("gather_output", [False, True])
@@ -172,15 +190,8 @@ def test_sp_add_rms_norm(ranks, tp, dtype, with_residual, gather):
         want_normed, want_residual = _norm_reference(x, residual, weight)
         mode = _expected_mode(n, tp, sp_threshold)
         results = pool.run(_norm_on_rank, x, residual, weight, sp_threshold, gather)
-        for rank, ((normed, res_out), counts) in enumerate(results):
-            _check_mode(counts, mode)
-            assert normed.shape == res_out.shape == (n, K)
-            valid = (0, n) if mode == "replicated" else flashcomm.owned_rows(n, tp, rank)
-            _check_rows(res_out, want_residual, valid, dtype)
-            if gather:
-                assert relative_error(normed, want_normed) <= RTOL[dtype]
-            else:
-                _check_rows(normed, want_normed, valid, dtype)
+        assert want_normed.shape == (n, K)
+        _check_norm_results(results, want_normed, want_residual, n, tp, mode, dtype, gather)
 
 
 VALUE_FREE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -18,8 +18,8 @@ from flashcomm.reference import (gemm_rs_w8a8_reference, quantize_weight_per_cha
 
 from _cases import RTOL, TPS
 from test_properties import FUZZ
-from test_sp_ops import (_check_mode, _check_rows, _column_on_rank, _norm_on_rank,
-                         _norm_reference, _row_on_rank)
+from test_sp_ops import (_check_mode, _check_norm_results, _check_rows, _column_on_rank,
+                         _norm_on_rank, _norm_reference, _row_on_rank, _valid_for)
 
 
 def _draw_shape(data, tp: int):
@@ -55,8 +55,7 @@ def test_sp_linear_property(ranks, tp, data):
         for rank, (out, counts) in enumerate(results):
             _check_mode(counts, mode)
             assert out.shape == (n, n_out)
-            valid = (0, n) if mode == "replicated" else flashcomm.owned_rows(n, tp, rank)
-            _check_rows(out, want, valid, torch.float32)
+            _check_rows(out, want, _valid_for(mode, n, tp, rank), torch.float32)
         return
     gather_output = data.draw(st.booleans(), label="gather_output")
     results = pool.run(_column_on_rank, x, w, b, sp_threshold, w8a8, gather_output)
@@ -86,11 +85,4 @@ def test_sp_add_rms_norm_property(ranks, tp, data):
     want_normed, want_residual = _norm_reference(x, residual, weight)
     mode = flashcomm.sp_mode(n, tp, sp_threshold)
     results = ranks(tp).run(_norm_on_rank, x, residual, weight, sp_threshold, gather)
-    for rank, ((normed, res_out), counts) in enumerate(results):
-        _check_mode(counts, mode)
-        valid = (0, n) if mode == "replicated" else flashcomm.owned_rows(n, tp, rank)
-        _check_rows(res_out, want_residual, valid, dtype)
-        if gather:
-            assert relative_error(normed, want_normed) <= RTOL[dtype]
-        else:
-            _check_rows(normed, want_normed, valid, dtype)
+    _check_norm_results(results, want_normed, want_residual, n, tp, mode, dtype, gather)

@@ -180,6 +180,61 @@ def test_qwen2_qkv_bias_identical_tokens(tmp_path):
     check_on_off(tmp_path, model, w8a8=False)
 
 
+def test_llama_w8a8_static_identical_tokens(tmp_path):
+    # Llama (no qkv bias, no q/k norm) with static per-tensor activation scales: the
+    # fused layers' per-shard input scales are merged the way vLLM's kernel merges them.
+    model = make_checkpoint(tmp_path, "llama-w8a8-static", "--arch", "llama", "--w8a8",
+                            "--act", "static")
+    check_on_off(tmp_path, model, w8a8=True)
+
+
+def _vllm_config(model: Path, **kwargs):
+    from vllm.config import ModelConfig, VllmConfig
+    mc = ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32")
+    return VllmConfig(model_config=mc, **kwargs)
+
+
+def _unsupported(name: str) -> tuple[dict, str]:
+    """A real VllmConfig option that flashcomm must refuse, and the reason it names."""
+    from vllm.config import CompilationConfig, LoRAConfig, ParallelConfig, PassConfig
+    return {
+        "pipeline_parallel": ({"parallel_config": ParallelConfig(pipeline_parallel_size=2)},
+                              "pipeline parallelism is not supported"),
+        "lora": ({"lora_config": LoRAConfig()}, "LoRA is not supported"),
+        "fuse_allreduce_rms": ({"compilation_config": CompilationConfig(
+            pass_config=PassConfig(fuse_allreduce_rms=True))},
+            "compilation pass fuse_allreduce_rms is on"),
+    }[name]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_supported_config_is_accepted(tmp_path, arch):
+    from flashcomm.vllm.layers import check_config
+    check_config(_vllm_config(make_checkpoint(tmp_path, arch, "--arch", arch)))
+
+
+@pytest.mark.parametrize("option", ["pipeline_parallel", "lora", "fuse_allreduce_rms"])
+def test_unsupported_config_is_refused(tmp_path, option):
+    # Checked in every worker before the model is built (the engine-level path is the
+    # MoE test below); the same check on vLLM's own config objects here.
+    from flashcomm.vllm.layers import FlashcommUnsupportedError, check_config
+    kwargs, reason = _unsupported(option)
+    cfg = _vllm_config(make_checkpoint(tmp_path, "llama", "--arch", "llama"), **kwargs)
+    with pytest.raises(FlashcommUnsupportedError) as e:
+        check_config(cfg)
+    assert REFUSAL in str(e.value) and reason in str(e.value), str(e.value)
+    assert "unset FLASHCOMM_ENABLE" in str(e.value)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    from flashcomm.vllm.layers import FlashcommUnsupportedError, check_config
+    base = make_checkpoint(tmp_path, "gemma-like", "--arch", "llama")
+    cfg = _vllm_config(base)
+    cfg.model_config.hf_config.architectures = ["GemmaForCausalLM"]
+    with pytest.raises(FlashcommUnsupportedError, match="GemmaForCausalLM"):
+        check_config(cfg)
+
+
 def test_moe_model_is_refused(tmp_path):
     base = make_checkpoint(tmp_path, "moe", "--arch", "qwen3")
     cfg = json.loads((base / "config.json").read_text())

@@ -37,8 +37,14 @@ def test_bench_and_tune_smoke(tmp_path):
                                                "ag_gemm_w8a8"}
     for row in r["ops"]:
         for f in ("gemm_ms", "comm_ms", "py_ms", "seq_ms", "pipe_ms", "auto_ms", "pipe@2x4_ms",
-                  "overlap_efficiency", "seq_overhead_ms", "auto_vs_best", "best_fixed"):
+                  "overlap_efficiency", "seq_overhead_ms", "auto_vs_best", "best_fixed",
+                  "choice_vs_best"):
             assert f in row, (row["op"], f)
+        # The policy's choice, timed as a fixed strategy, is never faster than the best.
+        best = min(row["seq_ms"], row["pipe_ms"])
+        assert row["choice_vs_best"] >= 1.0
+        assert (row["choice_vs_best"] == 1.0) == (
+            row[f"{row['auto_strategy']}_ms"] == best), row
         if row["op"].startswith("gemm_rs"):
             assert "tp_ar_ms" in row
     assert [g["n"] for g in r["gemm"]] == [1, 40]

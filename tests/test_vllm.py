@@ -3,11 +3,13 @@
 Each configuration runs ``vllm.LLM`` in its own subprocess (``python tests/test_vllm.py
 run ...``; spawn-safe, keeps this process clean), once with ``FLASHCOMM_ENABLE=1`` and
 once without, on a tiny checkpoint written by ``scripts/make_tiny_checkpoint.py``.
-Greedy decoding of token-id prompts in float32 (in bf16, vLLM's oneDNN GEMM and
-ATen's round differently, which flips near-tied argmaxes of a random tiny model);
-``FLASHCOMM_SP_THRESHOLD=16`` so the prefill of
+Greedy decoding of token-id prompts; ``FLASHCOMM_SP_THRESHOLD=16`` so the prefill of
 3 prompts x 12 tokens (36 tokens) runs sharded and the decode steps (3 tokens) and a
-one-prompt prefill of 8 tokens run replicated.
+one-prompt prefill of 8 tokens run replicated. float32 (Qwen3 FP, Qwen3 W8A8 dynamic,
+Llama W8A8 static): token ids identical. bfloat16 (Qwen2 with qkv bias): identical
+except after a near-tie (vLLM's oneDNN GEMM and ATen's round differently in bf16).
+Refusals: a MoE model through the engine; pipeline parallel, LoRA, vLLM's fusion pass
+and unknown architectures on real ``VllmConfig`` objects.
 
 Skipped (with the reason) when vLLM is not importable: ``pip install -e .[vllm]``.
 """
@@ -28,6 +30,8 @@ SP_THRESHOLD = 16
 BIG = [[(7 * i + 3 * j + 5) % 500 + 3 for j in range(12)] for i in range(3)]  # 36 tokens
 SMALL = [[(11 * j + 1) % 500 + 3 for j in range(8)]]  # 8 tokens
 MAX_TOKENS = 8
+TOP_LOGPROBS = 2
+BF16_TIE_NATS = 0.05
 ENGINE_TIMEOUT_S = int(os.environ.get("FLASHCOMM_VLLM_TEST_TIMEOUT", "1200"))
 REFUSAL = "flashcomm: refusing to enable flashcomm for this vLLM model"
 
@@ -126,10 +130,31 @@ def _sum_mode(stats: dict, mode: str, ops: tuple[str, ...]) -> int:
     return sum(stats.get(op, {}).get(mode, 0) for op in ops)
 
 
-def check_on_off(tmp: Path, model: Path, w8a8: bool) -> tuple[dict, dict]:
-    off, log_off = run_engine(tmp, model, enable=False)
+def diverged_outside_ties(on: dict, off: dict, tie_nats: float) -> list[str]:
+    """Where greedy decoding with flashcomm on picked another token than off: each such
+    sequence must, at its first differing position, have had a near-tie in the off run
+    (the on run's token is the off run's second choice, within ``tie_nats`` of the
+    first). Returns the violations (after a tie the sequences legitimately differ)."""
+    bad = []
+    for key in ("big", "small"):
+        for i, (a, b) in enumerate(zip(on[f"ids_{key}"], off[f"ids_{key}"])):
+            pos = next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if pos is None:
+                continue
+            top = off["logprobs"][key][i][pos]
+            gap = top.get(str(b[pos]), 0.0) - top.get(str(a[pos]), float("-inf"))
+            if not gap <= tie_nats:
+                bad.append(f"{key}[{i}] position {pos}: on {a[pos]} off {b[pos]}, off-run "
+                           f"top-2 {top} (gap {gap:.3g} > {tie_nats})")
+    return bad
+
+
+def check_on_off(tmp: Path, model: Path, w8a8: bool, dtype: str = "float32",
+                 tie_nats: float | None = None) -> tuple[dict, dict]:
+    """``tie_nats=None``: greedy ids identical; else identical except after near-ties."""
+    off, log_off = run_engine(tmp, model, enable=False, dtype=dtype)
     assert off is not None, f"vLLM run without flashcomm failed:\n{log_off[-6000:]}"
-    on, log_on = run_engine(tmp, model, enable=True)
+    on, log_on = run_engine(tmp, model, enable=True, dtype=dtype)
     assert on is not None, f"vLLM run with flashcomm failed:\n{log_on[-6000:]}"
     print(f"\n{model.name}: off {off['wall_s']} s, on {on['wall_s']} s", file=sys.stderr)
 
@@ -139,23 +164,37 @@ def check_on_off(tmp: Path, model: Path, w8a8: bool) -> tuple[dict, dict]:
     # Greedy token ids: identical with flashcomm on and off (FP and W8A8 alike: both
     # paths quantise per token / per tensor the same way and dequantise in fp32; the
     # tolerance for W8A8 is 0 differing tokens on this model).
-    assert on["ids_big"] == off["ids_big"], (on["ids_big"], off["ids_big"])
-    assert on["ids_small"] == off["ids_small"], (on["ids_small"], off["ids_small"])
+    if tie_nats is None:
+        assert on["ids_big"] == off["ids_big"], (on["ids_big"], off["ids_big"])
+        assert on["ids_small"] == off["ids_small"], (on["ids_small"], off["ids_small"])
+    else:
+        bad = diverged_outside_ties(on, off, tie_nats)
+        assert not bad, bad
+        same = sum(a == b for k in ("big", "small")
+                   for a, b in zip(on[f"ids_{k}"], off[f"ids_{k}"]))
+        print(f"{model.name} {dtype}: {same}/{len(BIG) + len(SMALL)} sequences identical",
+              file=sys.stderr)
 
     row = ("sp_row_linear_w8a8",) if w8a8 else ("sp_row_linear",)
     col = ("sp_column_linear_w8a8",) if w8a8 else ("sp_column_linear",)
     assert len(on["workers_after"]) == 2
-    for before, after in zip(on["workers_before"], on["workers_after"]):
+    for before, after, plain in zip(on["workers_before"], on["workers_after"],
+                                    off["workers_after"]):
         n_layers = 2
         assert after["converted"] == 6 * n_layers + 1, after
         st = after["stats"]  # counted during the generate calls only
         for ops in (row, col, ("sp_add_rms_norm",)):
             assert _sum_mode(st, "sharded", ops) > 0, (ops, st)
             assert _sum_mode(st, "replicated", ops) > 0, (ops, st)
-        # No recompilation: one graph, and the dynamo counters did not move while
-        # batches below and above the threshold ran.
+        # No recompilation: the dynamo counters did not move while batches below and
+        # above the threshold ran, and flashcomm adds no graph to vLLM's own (one in
+        # float32; vLLM itself traces two for these models in bfloat16, on or off).
         assert after["dynamo"] == before["dynamo"], (before["dynamo"], after["dynamo"])
-        assert after["dynamo"].get("stats", {}).get("unique_graphs") == 1, after["dynamo"]
+        graphs = after["dynamo"].get("stats", {}).get("unique_graphs")
+        assert graphs == plain["dynamo"].get("stats", {}).get("unique_graphs"), \
+            (after["dynamo"], plain["dynamo"])
+        if dtype == "float32":
+            assert graphs == 1, after["dynamo"]
     assert on["ids_big_first"] == on["ids_big"]
     return off, on
 
@@ -175,9 +214,14 @@ def test_qwen3_w8a8_identical_tokens(tmp_path):
     check_on_off(tmp_path, model, w8a8=True)
 
 
-def test_qwen2_qkv_bias_identical_tokens(tmp_path):
+def test_qwen2_qkv_bias_bf16_tokens(tmp_path):
+    # bfloat16: vLLM's oneDNN GEMM and ATen's accumulate in different orders, so a few
+    # outputs round to the neighbouring bf16 value. Tolerance: greedy ids identical
+    # except where, in the run without flashcomm, the token flashcomm picked was the
+    # runner-up within BF16_TIE_NATS of the top choice (a near-tie); after such a
+    # position the sequences may legitimately differ.
     model = make_checkpoint(tmp_path, "qwen2", "--arch", "qwen2")
-    check_on_off(tmp_path, model, w8a8=False)
+    check_on_off(tmp_path, model, w8a8=False, dtype="bfloat16", tie_nats=BF16_TIE_NATS)
 
 
 def test_llama_w8a8_static_identical_tokens(tmp_path):
@@ -268,18 +312,25 @@ def _engine_main(argv: list[str]) -> None:
     llm = LLM(model=a.model, tensor_parallel_size=a.tp, skip_tokenizer_init=True,
               dtype=a.dtype, enforce_eager=False, max_model_len=512, max_num_seqs=8,
               max_num_batched_tokens=512, seed=0, enable_prefix_caching=False)
+    # Top-2 log-probabilities of every generated position: where two runs pick different
+    # tokens, they tell whether the position was a near-tie.
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                        detokenize=False)
+                        detokenize=False, logprobs=TOP_LOGPROBS)
+    logprobs: dict[str, list] = {}
 
-    def gen(prompts, params=sp):
+    def gen(prompts, params=sp, key=None):
         outs = llm.generate([{"prompt_token_ids": t} for t in prompts], params,
                             use_tqdm=False)
+        if key:
+            logprobs[key] = [[{str(t): lp.logprob for t, lp in pos.items()}
+                              for pos in (o.outputs[0].logprobs or [])] for o in outs]
         return [list(o.outputs[0].token_ids) for o in outs]
 
     first = gen(BIG)  # warm: the graph is compiled by now
     llm.collective_rpc(worker_reset_stats)
     before = llm.collective_rpc(worker_stats)
-    res = {"ids_small": gen(SMALL), "ids_big": gen(BIG)}
+    res = {"ids_small": gen(SMALL, key="small"), "ids_big": gen(BIG, key="big")}
+    res["logprobs"] = logprobs
     res["ids_big_first"] = first
     res["workers_before"] = before
     res["workers_after"] = llm.collective_rpc(worker_stats)

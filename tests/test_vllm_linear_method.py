@@ -15,7 +15,6 @@ Skipped (with the reason) when vLLM is not importable.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -28,6 +27,9 @@ try:
     _MISSING = None
 except Exception as e:  # ImportError, or a broken install
     _MISSING = f"vLLM is not importable ({type(e).__name__}: {e}); pip install -e .[vllm]"
+
+if _MISSING is None:
+    from flashcomm.vllm.standalone import destroy_vllm_tp, init_vllm_tp
 
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
@@ -52,33 +54,6 @@ def _w8a8_config(act: str):
     return CompressedTensorsConfig.from_config(mod.w8a8_quant_config(act))
 
 
-def _ensure_vllm_tp() -> None:
-    """vLLM's world and TP groups over this rank pool's gloo world (once per process)."""
-    import torch.distributed as dist
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
-    if ps.model_parallel_is_initialized():
-        return
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    # vLLM's CPU communicator names its shared-memory segments after this (the CPU
-    # worker sets it); the ranks share a parent process, so they agree on it.
-    os.environ.setdefault("VLLM_DIST_IDENT", f"flashcomm-test-{os.getppid()}")
-    with set_current_vllm_config(VllmConfig()):
-        ps.init_distributed_environment(ws, rank, "env://", local_rank=rank, backend="gloo")
-        ps.initialize_model_parallel(tensor_model_parallel_size=ws)
-
-
-def _teardown_vllm_tp() -> bool:
-    """vLLM's groups (and its shared-memory segments) released; the gloo world stays."""
-    from vllm.distributed import parallel_state as ps
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if ps._WORLD is not None:
-        ps._WORLD.destroy()
-        ps._WORLD = None
-    return True
-
-
 @pytest.fixture(scope="module")
 def vllm_ranks():
     """``vllm_ranks(tp)``: rank pools of this module only (vLLM's process-global state
@@ -96,7 +71,7 @@ def vllm_ranks():
         for pool in pools.values():
             try:
                 if not pool.broken:
-                    pool.run(_teardown_vllm_tp)
+                    pool.run(destroy_vllm_tp)
             finally:
                 pool.close()
 
@@ -161,7 +136,7 @@ def _sp_block_case(n: int, w8a8: str | None, num_tokens_mode: str,
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import (MergedColumnParallelLinear,
                                                    QKVParallelLinear, RowParallelLinear)
-    _ensure_vllm_tp()
+    init_vllm_tp()
     rank, tp = rank_and_size()
     static_scale = 0.05 if w8a8 == "static" else None
     qc = _w8a8_config(w8a8) if w8a8 else None
@@ -283,7 +258,7 @@ def _refuse_processed_case() -> str:
     from flashcomm.vllm.linear_method import enable_flashcomm_on_model
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import RowParallelLinear
-    _ensure_vllm_tp()
+    init_vllm_tp()
     with set_current_vllm_config(VllmConfig()):
         layer = RowParallelLinear(32, 16, bias=False, params_dtype=torch.float32)
         layer.quant_method.process_weights_after_loading(layer)  # vLLM's CPU repack

@@ -573,6 +573,9 @@ def _derive_op_row(op: str, K: int, N: int, n: int, tp: int, med: dict[str, floa
     row["auto_vs_best"] = _ratio(med["auto"], best)
     row["auto_threshold"] = thr_auto if thr_auto is not None else flashcomm.DEFAULT_THRESHOLD
     row["auto_strategy"] = "pipe" if (tp > 1 and n > row["auto_threshold"]) else "seq"
+    # The policy's cost: the fixed strategy auto resolves to, against the faster fixed
+    # strategy, both from the fixed-strategy timings (1.0 when auto picks the faster).
+    row["choice_vs_best"] = _ratio(med[row["auto_strategy"]], best)
     # auto vs the fixed strategy it resolves to: the same code path, so this is noise
     row["auto_vs_same"] = _ratio(med["auto"], med[row["auto_strategy"]])
     if "tp_ar_ms" in row:
@@ -597,6 +600,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "worst_auto_vs_best": max(r["auto_vs_best"] for r in rows),
             "auto_within_5pct_at": sum(r["auto_vs_best"] <= 1.05 for r in rows),
             "auto_picks_best_at": sum(r["auto_strategy"] == r["best_fixed"] for r in rows),
+            "worst_choice_vs_best": max(r["choice_vs_best"] for r in rows),
+            "choice_within_5pct_at": sum(r["choice_vs_best"] <= 1.05 for r in rows),
             "noise_auto_vs_same_max": max(abs(r["auto_vs_same"] - 1) for r in rows),
             "points": len(rows),
         }
@@ -659,7 +664,8 @@ def format_report(result: dict[str, Any]) -> str:
                + (f"{'mm+AR':>9}" if op.startswith("gemm_rs") else "")
                + f"{'py':>9}{'seq':>9}{'pipe':>9}{'auto':>9}"
                + "".join(f"{e:>13}" for e in extra)
-               + f"{'overlap':>9}{'seq-py':>8}{'pipe/seq':>9}{'auto/best':>10}")
+               + f"{'overlap':>9}{'seq-py':>8}{'pipe/seq':>9}{'auto/best':>10}"
+               + f"{'choice/best':>12}")
         lines.append(f"{op}: per-rank K={K} N={N} (ms; overlap = (gemm+comm-pipe)/min(gemm,comm);"
                      f" auto threshold {_fmt_thr(rows[0]['auto_threshold'])})")
         lines.append(hdr)
@@ -673,7 +679,8 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{r['auto_ms']:>9.2f}")
             line += "".join(f"{r[e + '_ms']:>13.2f}" for e in extra)
             line += (f"{r['overlap_efficiency']:>9.2f}{r['seq_overhead_ms']:>8.2f}"
-                     f"{r['pipe_vs_seq']:>9.2f}{r['auto_vs_best']:>10.3f}")
+                     f"{r['pipe_vs_seq']:>9.2f}{r['auto_vs_best']:>10.3f}"
+                     f"{r['choice_vs_best']:>12.3f}")
             lines.append(line)
         lines.append("")
     if result["gemm"]:
@@ -732,7 +739,9 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{'-' if ovh is None else f'{ovh:.3f} ms'}; seq->pipe crossover "
                      f"{_fmt_thr(v['seq_crossover'])}; auto/best worst {v['worst_auto_vs_best']:.3f}"
                      f" (within 5% at {v['auto_within_5pct_at']}/{v['points']}; picks the faster at "
-                     f"{v['auto_picks_best_at']}/{v['points']}; same-path noise up to "
+                     f"{v['auto_picks_best_at']}/{v['points']}; its choice within 5% of the "
+                     f"faster at {v['choice_within_5pct_at']}/{v['points']}, worst "
+                     f"{v['worst_choice_vs_best']:.3f}; same-path noise up to "
                      f"{v['noise_auto_vs_same_max']:.0%})")
     lines.append(f"elapsed {result['elapsed_s']:.0f} s")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Soak test: many calls of every op (compact and layout-invariant) on a real gloo group (default 10,000
-calls per op on 2 CPU ranks), watching for leaks, counter drift and slowdown.
+"""Soak test: many calls of every op (compact and layout-invariant) on a real gloo group
+(default 10,000 calls per op on 2 CPU ranks), watching for leaks, counter drift and slowdown.
 
 For each op, every rank builds its inputs once, warms up, clears the counters and
 then calls the op in a loop, alternating a token count below the threshold

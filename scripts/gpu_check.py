@@ -67,9 +67,11 @@ def check_ops(gname: str) -> list[str]:
                 want = ref()
                 err = ((out.float() - want).norm() / want.norm().clamp_min(1e-6)).item()
                 tol = 0.03 if "w8a8" in name else 0.01
-                assert out.device.type == "cuda" and out.shape == want.shape, (out.shape, want.shape)
+                assert out.device.type == "cuda" and out.shape == want.shape, \
+                    (out.shape, want.shape)
                 assert err < tol, f"relative error {err:.3g} >= {tol}"
-                print(f"  ok   correctness {name:<13} n={n:<5} threshold={args[-2] if 'ag' not in name else args[5 if name == 'ag_gemm' else 9]} rel.err {err:.2e}")
+                thr = args[-2] if "ag" not in name else args[5 if name == "ag_gemm" else 9]
+                print(f"  ok   correctness {name:<13} n={n:<5} threshold={thr} rel.err {err:.2e}")
             except Exception:
                 failures.append(f"correctness {name} n={n}: {traceback.format_exc(limit=2)}")
                 print(f"  FAIL correctness {name} n={n}")
@@ -198,8 +200,9 @@ def bench(gname: str, tokens, hiddens, warmup: int, repeats: int) -> list[dict]:
 
                 r[f"chunks{chunks}_eff"] = r["bf16_ms"] / _time_ms(chunked, warmup, repeats)
             rows.append(r)
-            print(f"  H={H:<5} n={n:<6} bf16 {r['bf16_ms']:8.3f} ms ({r['bf16_tflops']:6.1f} TFLOP/s)"
-                  f"  int8 {r['int8_ms']:8.3f} ms ({r['int8_tops']:6.1f} TOP/s)  x{r['int8_speedup']:.2f}"
+            print(f"  H={H:<5} n={n:<6} bf16 {r['bf16_ms']:8.3f} ms "
+                  f"({r['bf16_tflops']:6.1f} TFLOP/s)  int8 {r['int8_ms']:8.3f} ms "
+                  f"({r['int8_tops']:6.1f} TOP/s)  x{r['int8_speedup']:.2f}"
                   f"  w8a8 op x{r['w8a8_op_speedup']:.2f}  chunk eff 2/4/8: "
                   f"{r['chunks2_eff']:.2f}/{r['chunks4_eff']:.2f}/{r['chunks8_eff']:.2f}",
                   flush=True)

@@ -35,6 +35,7 @@ ARCHS = {
     # name: (architectures entry, model_type, qkv bias, per-head q/k norm)
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False, True),
     "llama": ("LlamaForCausalLM", "llama", False, False),
+    "mistral": ("MistralForCausalLM", "mistral", False, False),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
 }
 
@@ -111,6 +112,8 @@ def build_config(args):
     }
     if model_type == "llama":
         cfg.update({"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1})
+    elif model_type == "mistral":
+        cfg.update({"sliding_window": None})
     elif model_type == "qwen3":
         cfg.update({"attention_bias": False, "use_sliding_window": False,
                     "sliding_window": None, "max_window_layers": args.num_layers})

@@ -173,7 +173,8 @@ def test_apply_table_changes_the_auto_strategy(ranks):
     pool = ranks(2)
     low = table_to_json(TuningTable(entries=[TuningEntry("gemm_rs", K_R, N, 2, "float32", 8)]))
     high = table_to_json(TuningTable(entries=[TuningEntry("gemm_rs", K_R, N, 2, "float32", NEVER)]))
-    other = table_to_json(TuningTable(entries=[TuningEntry("gemm_rs", K_R + 1, N, 2, "float32", 8)]))
+    other = table_to_json(TuningTable(entries=[TuningEntry("gemm_rs", K_R + 1, N, 2, "float32",
+                                                            8)]))
     # n = 40: default threshold 1000 -> sequential; table says 8 -> pipelined
     assert {_ran(c) for c in pool.run(_auto_strategy_on_rank, None, 40)} == {"sequential"}
     assert {_ran(c) for c in pool.run(_auto_strategy_on_rank, low, 40)} == {"pipelined"}

@@ -5,8 +5,8 @@ run ...``; spawn-safe, keeps this process clean), once with ``FLASHCOMM_ENABLE=1
 once without, on a tiny checkpoint written by ``scripts/make_tiny_checkpoint.py``.
 Greedy decoding of token-id prompts; ``FLASHCOMM_SP_THRESHOLD=16`` so the prefill of
 3 prompts x 12 tokens (36 tokens) runs sharded and the decode steps (3 tokens) and a
-one-prompt prefill of 8 tokens run replicated. float32 (Qwen3 FP, Qwen3 W8A8 dynamic,
-Llama W8A8 static): token ids identical. bfloat16 (Qwen2 with qkv bias): identical
+one-prompt prefill of 8 tokens run replicated. float32 (Qwen3 FP, Mistral FP, Qwen3
+W8A8 dynamic, Llama W8A8 static): token ids identical. bfloat16 (Qwen2 with qkv bias): identical
 except after a near-tie (vLLM's oneDNN GEMM and ATen's round differently in bf16).
 Refusals: a MoE model through the engine; pipeline parallel, LoRA, vLLM's fusion pass
 and unknown architectures on real ``VllmConfig`` objects.
@@ -99,10 +99,11 @@ def _engine_env(tmp: Path, enable: bool, tp: int) -> dict[str, str]:
 
 
 def run_engine(tmp: Path, model: Path, enable: bool, tp: int = 2, dtype: str = "float32",
-               bench: bool = False) -> tuple[dict | None, str]:
+               bench: bool = False, logprobs: bool = False) -> tuple[dict | None, str]:
     out = tmp / f"result_{model.name}_{'on' if enable else 'off'}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "run", str(model), str(out),
-           "--tp", str(tp), "--dtype", dtype] + (["--bench"] if bench else [])
+           "--tp", str(tp), "--dtype", dtype] + (["--bench"] if bench else []) + \
+        (["--logprobs"] if logprobs else [])
     t0 = time.time()
     proc = subprocess.run(cmd, env=_engine_env(tmp, enable, tp), capture_output=True,
                           text=True, timeout=ENGINE_TIMEOUT_S, cwd=str(tmp))
@@ -152,9 +153,10 @@ def diverged_outside_ties(on: dict, off: dict, tie_nats: float) -> list[str]:
 def check_on_off(tmp: Path, model: Path, w8a8: bool, dtype: str = "float32",
                  tie_nats: float | None = None) -> tuple[dict, dict]:
     """``tie_nats=None``: greedy ids identical; else identical except after near-ties."""
-    off, log_off = run_engine(tmp, model, enable=False, dtype=dtype)
+    lp = tie_nats is not None
+    off, log_off = run_engine(tmp, model, enable=False, dtype=dtype, logprobs=lp)
     assert off is not None, f"vLLM run without flashcomm failed:\n{log_off[-6000:]}"
-    on, log_on = run_engine(tmp, model, enable=True, dtype=dtype)
+    on, log_on = run_engine(tmp, model, enable=True, dtype=dtype, logprobs=lp)
     assert on is not None, f"vLLM run with flashcomm failed:\n{log_on[-6000:]}"
     print(f"\n{model.name}: off {off['wall_s']} s, on {on['wall_s']} s", file=sys.stderr)
 
@@ -187,13 +189,13 @@ def check_on_off(tmp: Path, model: Path, w8a8: bool, dtype: str = "float32",
             assert _sum_mode(st, "sharded", ops) > 0, (ops, st)
             assert _sum_mode(st, "replicated", ops) > 0, (ops, st)
         # No recompilation: the dynamo counters did not move while batches below and
-        # above the threshold ran, and flashcomm adds no graph to vLLM's own (one in
-        # float32; vLLM itself traces two for these models in bfloat16, on or off).
+        # above the threshold ran, and flashcomm adds no graph to vLLM's own (one graph;
+        # two when log-probs are requested, with flashcomm on or off).
         assert after["dynamo"] == before["dynamo"], (before["dynamo"], after["dynamo"])
         graphs = after["dynamo"].get("stats", {}).get("unique_graphs")
         assert graphs == plain["dynamo"].get("stats", {}).get("unique_graphs"), \
             (after["dynamo"], plain["dynamo"])
-        if dtype == "float32":
+        if not lp:
             assert graphs == 1, after["dynamo"]
     assert on["ids_big_first"] == on["ids_big"]
     return off, on
@@ -232,6 +234,12 @@ def test_llama_w8a8_static_identical_tokens(tmp_path):
     check_on_off(tmp_path, model, w8a8=True)
 
 
+def test_mistral_fp_identical_tokens(tmp_path):
+    # vLLM builds Mistral with its own classes (MistralForCausalLM / MistralDecoderLayer).
+    model = make_checkpoint(tmp_path, "mistral", "--arch", "mistral")
+    check_on_off(tmp_path, model, w8a8=False)
+
+
 def _vllm_config(model: Path, **kwargs):
     from vllm.config import ModelConfig, VllmConfig
     mc = ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32")
@@ -251,7 +259,7 @@ def _unsupported(name: str) -> tuple[dict, str]:
     }[name]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_supported_config_is_accepted(tmp_path, arch):
     from flashcomm.vllm.layers import check_config
     check_config(_vllm_config(make_checkpoint(tmp_path, arch, "--arch", arch)))
@@ -305,6 +313,7 @@ def _engine_main(argv: list[str]) -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--bench", action="store_true")
+    p.add_argument("--logprobs", action="store_true", help=f"top-{TOP_LOGPROBS} log-probs")
     a = p.parse_args(argv)
     from vllm import LLM, SamplingParams
     from flashcomm.vllm.plugin import worker_reset_stats, worker_stats
@@ -312,10 +321,11 @@ def _engine_main(argv: list[str]) -> None:
     llm = LLM(model=a.model, tensor_parallel_size=a.tp, skip_tokenizer_init=True,
               dtype=a.dtype, enforce_eager=False, max_model_len=512, max_num_seqs=8,
               max_num_batched_tokens=512, seed=0, enable_prefix_caching=False)
-    # Top-2 log-probabilities of every generated position: where two runs pick different
-    # tokens, they tell whether the position was a near-tie.
+    # --logprobs: top-2 log-probabilities of every generated position: where two runs
+    # pick different tokens, they tell whether the position was a near-tie. (vLLM then
+    # traces a second graph, with flashcomm on or off.)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                        detokenize=False, logprobs=TOP_LOGPROBS)
+                        detokenize=False, logprobs=TOP_LOGPROBS if a.logprobs else None)
     logprobs: dict[str, list] = {}
 
     def gen(prompts, params=sp, key=None):

@@ -151,11 +151,11 @@ def _build_op_case(op: str, K: int, N: int, n: int, dtype: str, variants: tuple[
             dist.all_reduce(y)
             return y
 
-        if w8:
-            call = lambda thr, en: flashcomm.gemm_rs_w8a8(x, wq, ws, None, None, None, gname,
-                                                          dt, thr, en)
-        else:
-            call = lambda thr, en: flashcomm.gemm_rs(x, w, None, gname, thr, en)
+        def call(thr, en):
+            if w8:
+                return flashcomm.gemm_rs_w8a8(x, wq, ws, None, None, None, gname, dt, thr, en)
+            return flashcomm.gemm_rs(x, w, None, gname, thr, en)
+
         V["gemm"] = (lambda: _solo_rs(w8, x, w, wq, ws, dt, solo), None)
         V["comm"] = (lambda: dist.reduce_scatter_tensor(recv, send), None)
         V["tp_ar"] = (tp_ar, None)
@@ -184,15 +184,18 @@ def _build_op_case(op: str, K: int, N: int, n: int, dtype: str, variants: tuple[
             sa = ga[:n, K:].contiguous().view(torch.float32)
             return (torch._int_mm(qa, wqT).float() * sa * ws).to(dt)
 
+        def call(thr, en):
+            if w8:
+                return flashcomm.ag_gemm_w8a8(x=shard, weight=wq, weight_scale=ws,
+                                              input_scale=None, input_zero_point=None,
+                                              bias=None, group=gname, num_tokens=n,
+                                              out_dtype=dt, threshold=thr, enabled=en)
+            return flashcomm.ag_gemm(shard, w, None, gname, n, thr, en)
+
         if w8:
-            call = lambda thr, en: flashcomm.ag_gemm_w8a8(x=shard, weight=wq, weight_scale=ws,
-                                                          input_scale=None, input_zero_point=None,
-                                                          bias=None, group=gname, num_tokens=n,
-                                                          out_dtype=dt, threshold=thr, enabled=en)
             V["comm"] = (lambda: dist.all_gather_into_tensor(packed_all, packed_shard), None)
             V["comm_bf16"] = (lambda: dist.all_gather_into_tensor(bf_all, bf_shard), None)
         else:
-            call = lambda thr, en: flashcomm.ag_gemm(shard, w, None, gname, n, thr, en)
             V["comm"] = (lambda: dist.all_gather_into_tensor(gathered, shard), None)
         V["gemm"] = (lambda: _solo_ag(w8, x_full, w, wq, ws, dt, solo, n), None)
         V["py"] = (py, None)
@@ -685,7 +688,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append("")
     if result["gemm"]:
         g0 = result["gemm"][0]
-        lines.append(f"GEMM alone [n, {g0['K']}] x [{g0['K']}, {g0['N']}] on every rank at once (ms)")
+        lines.append(f"GEMM alone [n, {g0['K']}] x [{g0['K']}, {g0['N']}] on every rank at once "
+                     f"(ms)")
         lines.append(f"{'n':>6}{'fp32':>9}{'bf16':>9}{'int8':>9}{'w8a8':>9}"
                      f"{'fp32/int8':>11}{'bf16/int8':>11}{'fp32/w8a8':>11}")
         for r in result["gemm"]:
@@ -737,8 +741,9 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{'-' if eff is None else f'{eff:.2f}'}; best pipe/seq "
                      f"{v['best_pipe_vs_seq']:.2f}; seq-py overhead n<=16 "
                      f"{'-' if ovh is None else f'{ovh:.3f} ms'}; seq->pipe crossover "
-                     f"{_fmt_thr(v['seq_crossover'])}; auto/best worst {v['worst_auto_vs_best']:.3f}"
-                     f" (within 5% at {v['auto_within_5pct_at']}/{v['points']}; picks the faster at "
+                     f"{_fmt_thr(v['seq_crossover'])}; auto/best worst "
+                     f"{v['worst_auto_vs_best']:.3f} (within 5% at "
+                     f"{v['auto_within_5pct_at']}/{v['points']}; picks the faster at "
                      f"{v['auto_picks_best_at']}/{v['points']}; its choice within 5% of the "
                      f"faster at {v['choice_within_5pct_at']}/{v['points']}, worst "
                      f"{v['worst_choice_vs_best']:.3f}; same-path noise up to "

@@ -391,7 +391,8 @@ def format_table(table: TuningTable) -> str:
         thr = "never" if e.threshold >= NEVER else str(e.threshold)
         lines.append(f"{e.op:<14}{e.k:>6}{e.n:>6}{e.tp:>4}  {e.dtype:<9}{thr:>12}")
     sp = table.sp_threshold
-    lines.append(f"model sp_threshold: {'not tuned' if sp is None else ('never' if sp >= NEVER else sp)}")
+    sp_text = "not tuned" if sp is None else ("never" if sp >= NEVER else sp)
+    lines.append(f"model sp_threshold: {sp_text}")
     if table.pipeline_config:
         lines.append(f"pipeline config (max_chunks, min_chunk_rows): {table.pipeline_config}")
     lines.append(f"fingerprint: {table_fingerprint(table)}")

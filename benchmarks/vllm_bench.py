@@ -55,21 +55,27 @@ def _time(fn, repeats: int, warmup: int = 3) -> list[float]:
 def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
     """On every rank: per variant, the list of per-repeat ms (max over ranks later)."""
     import torch.distributed as dist
-    import flashcomm  # noqa: F401
+    import flashcomm
     from flashcomm.vllm import layers as fl
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
     from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-    from flashcomm.vllm.standalone import init_vllm_tp
+    from flashcomm.vllm.standalone import init_vllm_tp, vllm_tp_transport
     init_vllm_tp()
     tp = dist.get_world_size()
     group = get_tp_group()
+    # flashcomm layers on vLLM's TP device group all-reduce through vLLM's communicator
+    # (the plugin's default); those on a second gloo group over the same ranks go
+    # through c10d (FLASHCOMM_VLLM_ALL_REDUCE=0).
     gname = group.device_group.group_name
+    flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
+    c10d_group = dist.new_group(list(range(tp)), backend="gloo")
+    c10d_name = c10d_group.group_name
     g = torch.Generator().manual_seed(0)
     res: dict[str, dict[str, list[float]]] = {}
     with set_current_vllm_config(VllmConfig()), torch.inference_mode():
-        def build(converted: bool):
+        def build(converted: bool, gname: str = gname):
             # flashcomm's subclasses are what the plugin makes vLLM instantiate.
             row_cls = fl.FlashcommRowParallelLinear if converted else RowParallelLinear
             col_cls = (fl.FlashcommMergedColumnParallelLinear if converted
@@ -88,7 +94,8 @@ def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
             return row, col, norm
 
         v_row, v_col, v_norm = build(False)
-        f_row, f_col, f_norm = build(True)
+        f_row, f_col, f_norm = build(True, c10d_name)
+        p_row, _, _ = build(True)
         for n in tokens:
             x_row = torch.randn(n, INTER // tp, generator=g)
             x_col = torch.randn(n, HIDDEN, generator=g)
@@ -96,11 +103,12 @@ def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
             y = torch.randn(n, HIDDEN, generator=g)
             y_c10d = y.clone()
             variants = {
-                "all_reduce vLLM (SHM)": lambda: tensor_model_parallel_all_reduce(y),
-                "all_reduce c10d (gloo)": lambda: dist.all_reduce(
+                "all_reduce vLLM": lambda: tensor_model_parallel_all_reduce(y),
+                "all_reduce c10d gloo": lambda: dist.all_reduce(
                     y_c10d, group=group.device_group),
                 "row vLLM": lambda: v_row(x_row),
-                "row flashcomm": lambda: f_row(x_row),
+                "row flashcomm (c10d all-reduce)": lambda: f_row(x_row),
+                "row flashcomm (vLLM all-reduce)": lambda: p_row(x_row),
                 "column vLLM": lambda: v_col(x_col),
                 "column flashcomm": lambda: f_col(x_col),
                 "add+rmsnorm vLLM": lambda: v_norm(x_col.clone(), resid.clone()),
@@ -115,7 +123,8 @@ def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     times[name] += _time(variants[name], 1, warmup=0)
             res[str(n)] = times
-    return res
+    flashcomm.clear_all_reduce_provider(gname)
+    return {"times": res, "transport": vllm_tp_transport()}
 
 
 def run_layers(args) -> dict:
@@ -128,6 +137,8 @@ def run_layers(args) -> dict:
         finally:
             from flashcomm.vllm.standalone import destroy_vllm_tp
             pool.run(destroy_vllm_tp)
+    transport = per_rank[0]["transport"]
+    per_rank = [r["times"] for r in per_rank]
     out: dict[str, dict[str, float]] = {}
     for n in per_rank[0]:
         out[n] = {}
@@ -136,13 +147,14 @@ def run_layers(args) -> dict:
                        for i in range(len(per_rank[0][n][name]))]
             out[n][name] = round(statistics.median(slowest), 4)
     names = list(next(iter(out.values())))
-    print(f"{'variant (ms, median, slowest rank)':34}" + "".join(f"{'n=' + n:>10}"
+    print(f"{'variant (ms, median, slowest rank)':38}" + "".join(f"{'n=' + n:>10}"
                                                                   for n in out))
     for name in names:
-        print(f"{name:34}" + "".join(f"{out[n][name]:>10.3f}" for n in out))
-    return {"layers_ms": out, "tokens": args.tokens, "repeats": args.repeats,
-            "sp_threshold": args.sp_threshold, "shapes": {"hidden": HIDDEN,
-                                                          "intermediate": INTER}}
+        print(f"{name:38}" + "".join(f"{out[n][name]:>10.3f}" for n in out))
+    print(f"vLLM TP group transport: {transport}")
+    return {"layers_ms": out, "vllm_transport": transport, "tokens": args.tokens,
+            "repeats": args.repeats, "sp_threshold": args.sp_threshold,
+            "shapes": {"hidden": HIDDEN, "intermediate": INTER}}
 
 
 def _test_vllm_module():
@@ -154,22 +166,26 @@ def _test_vllm_module():
 
 def run_e2e(args) -> dict:
     tv = _test_vllm_module()
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    # "on": the plugin's default (replicated all-reduces through vLLM's communicator);
+    # "on, c10d all-reduce": FLASHCOMM_VLLM_ALL_REDUCE=0.
+    modes = {"off": (False, "1"), "on": (True, "1"), "on, c10d all-reduce": (True, "0")}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = tv.make_checkpoint(tmp, "qwen3", "--arch", "qwen3")
         for _ in range(args.rounds):
-            for mode in ("off", "on"):
-                res, log = tv.run_engine(tmp, model, enable=(mode == "on"), bench=True)
+            for mode, (enable, vllm_ar) in modes.items():
+                os.environ["FLASHCOMM_VLLM_ALL_REDUCE"] = vllm_ar
+                res, log = tv.run_engine(tmp, model, enable=enable, bench=True)
                 if res is None:
                     raise RuntimeError(f"engine ({mode}) failed:\n{log[-4000:]}")
                 runs[mode].append({k: res[k] for k in ("prefill_ms_400tok",
                                                        "decode_ms_per_step_4seq")})
     out = {mode: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
            for mode, rs in runs.items()}
-    print(f"{'':8}{'prefill 400 tok (ms)':>22}{'decode step, 4 seq (ms)':>26}")
-    for mode in ("off", "on"):
-        print(f"{mode:8}{out[mode]['prefill_ms_400tok']:>22.2f}"
+    print(f"{'':22}{'prefill 400 tok (ms)':>22}{'decode step, 4 seq (ms)':>26}")
+    for mode in modes:
+        print(f"{mode:22}{out[mode]['prefill_ms_400tok']:>22.2f}"
               f"{out[mode]['decode_ms_per_step_4seq']:>26.2f}")
     return {"median": out, "runs": runs, "sp_threshold": tv.SP_THRESHOLD}
 

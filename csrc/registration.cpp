@@ -140,6 +140,14 @@ TORCH_LIBRARY(flashcomm, m) {
   // Checks that every rank of the group holds the same collective-steering settings.
   m.def("verify_agreement(str group_name, str[] names, int[] values, Device device) -> ()",
         TORCH_FN(verify_agreement_op));
+  // Routes the group's all-reduces through a registered op with vLLM's all_reduce schema.
+  m.def("set_all_reduce_provider(str group_name, str op, str provider_group) -> ()",
+        TORCH_FN(set_all_reduce_provider_op));
+  // Back to the ProcessGroup for the group's all-reduces.
+  m.def("clear_all_reduce_provider(str group_name) -> ()",
+        TORCH_FN(clear_all_reduce_provider_op));
+  // "op(provider_group)" of the group's all-reduce provider, "" if none.
+  m.def("all_reduce_provider(str group_name) -> str", TORCH_FN(all_reduce_provider_op));
   // Forgets every auto crossover: threshold < 0 falls back to 1000.
   m.def("clear_auto_thresholds() -> ()", TORCH_FN(clear_auto_thresholds_op));
 }

@@ -4,6 +4,7 @@ tracing with fake tensors. Strided inputs are accepted and computed correctly.""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -176,6 +177,21 @@ CASES = {
                                        r"sp_add_rms_norm: residual dtype must match x"),
     "sp_add_rms_norm/x-int": (lambda: _sp_norm(_t(4, K, dtype=i32), None, _t(K)),
                               r"sp_add_rms_norm: x must be floating point"),
+    "set_all_reduce_provider/unknown-op": (
+        lambda: functools.partial(flashcomm.set_all_reduce_provider, None, "nope::all_reduce",
+                                  "tp:0"),
+        r"set_all_reduce_provider: no op 'nope::all_reduce' is registered"),
+    "set_all_reduce_provider/unqualified": (
+        lambda: functools.partial(flashcomm.set_all_reduce_provider, None, "all_reduce", "tp:0"),
+        r"set_all_reduce_provider: op must be a qualified op name like 'vllm::all_reduce'"),
+    "set_all_reduce_provider/schema": (
+        lambda: functools.partial(flashcomm.set_all_reduce_provider, None, "aten::relu", "tp:0"),
+        r"set_all_reduce_provider: op 'aten::relu' must have the schema \(Tensor tensor, str "
+        r"group_name\) -> Tensor, got aten::relu\(Tensor self\) -> Tensor"),
+    "set_all_reduce_provider/group": (
+        lambda: functools.partial(flashcomm.set_all_reduce_provider, "nope", "vllm::all_reduce",
+                                  "tp:0"),
+        r"set_all_reduce_provider: unknown group_name 'nope'"),
     "sp_add_rms_norm/requires-grad": (lambda: _sp_norm(_t(4, K).requires_grad_(), None, _t(K)),
                                       r"sp_add_rms_norm: argument 'x' requires grad"),
 }

@@ -184,6 +184,8 @@ def check_on_off(tmp: Path, model: Path, w8a8: bool, dtype: str = "float32",
                                     off["workers_after"]):
         n_layers = 2
         assert after["converted"] == 6 * n_layers + 1, after
+        # Replicated calls all-reduce through vLLM's own communicator (the default).
+        assert after["all_reduce_provider"].startswith("vllm::all_reduce(tp"), after
         st = after["stats"]  # counted during the generate calls only
         for ops in (row, col, ("sp_add_rms_norm",)):
             assert _sum_mode(st, "sharded", ops) > 0, (ops, st)

@@ -29,7 +29,7 @@ except Exception as e:  # ImportError, or a broken install
     _MISSING = f"vLLM is not importable ({type(e).__name__}: {e}); pip install -e .[vllm]"
 
 if _MISSING is None:
-    from flashcomm.vllm.standalone import destroy_vllm_tp, init_vllm_tp
+    from flashcomm.vllm.standalone import destroy_vllm_tp, init_vllm_tp, vllm_tp_transport
 
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
@@ -274,3 +274,60 @@ def test_refuses_after_weights_processed(vllm_ranks):
     # layer.weight: converting then would run on nothing.
     for m in vllm_ranks(2).run(_refuse_processed_case):
         assert "before the weights are processed" in m, m
+
+
+# ---------------------------------------------------------------------------------------
+# All-reduce provider: the replicated path through vLLM's own communicator
+# ---------------------------------------------------------------------------------------
+
+def _all_reduce_provider_case(n: int, provider: str) -> dict:
+    """sp_row_linear (replicated) with the group's all-reduces through vLLM's
+    ``vllm::all_reduce`` ("vllm"), through the c10d group ("none"), or with only rank 0
+    naming the provider ("rank0": the ranks must refuse at the group's next use)."""
+    import flashcomm
+    from torch.profiler import ProfilerActivity, profile
+    from vllm.distributed import get_tp_group
+    init_vllm_tp()
+    rank, tp = rank_and_size()
+    group = get_tp_group()
+    gname = group.device_group.group_name
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(n, 8 * tp, generator=g), torch.randn(24, 8 * tp, generator=g)
+    x_r, w_r = x[:, rank * 8:(rank + 1) * 8], w[:, rank * 8:(rank + 1) * 8].contiguous()
+    if provider == "vllm" or (provider == "rank0" and rank == 0):
+        flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
+    res = {"provider": flashcomm.all_reduce_provider(gname)}
+    try:
+        flashcomm.reset_stats()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = torch.ops.flashcomm.sp_row_linear(x_r.contiguous(), w_r, None, gname,
+                                                    1000, True, -1)
+    except RuntimeError as e:
+        return {**res, "error": str(e).split("\n")[0]}
+    finally:
+        flashcomm.clear_all_reduce_provider(gname)
+    names = {e.name for e in prof.events()}
+    return {**res, "transport": vllm_tp_transport(),
+            "err": (out.double() - x.double() @ w.double().t()).abs().max().item(),
+            "vllm_all_reduce": "vllm::all_reduce" in names,
+            "c10d_allreduce": any(name.startswith("c10d::allreduce") for name in names),
+            "replicated": flashcomm.stats()["sp_row_linear"]["replicated"]}
+
+
+@pytest.mark.parametrize("provider", ["vllm", "none"])
+def test_all_reduce_provider_routes_replicated_calls(vllm_ranks, provider):
+    for r in vllm_ranks(2).run(_all_reduce_provider_case, 4, provider):
+        assert r["err"] < 1e-4 and r["replicated"] == 1, r
+        assert r["transport"] == "cpu-shm", r  # vLLM's own CPU all-reduce, not gloo
+        if provider == "vllm":
+            assert r["provider"].startswith("vllm::all_reduce(tp"), r
+            assert r["vllm_all_reduce"] and not r["c10d_allreduce"], r
+        else:
+            assert r["provider"] == "", r
+            assert r["c10d_allreduce"] and not r["vllm_all_reduce"], r
+
+
+def test_all_reduce_provider_must_agree(vllm_ranks):
+    for r in vllm_ranks(2).run(_all_reduce_provider_case, 4, "rank0"):
+        assert "disagree" in r.get("error", ""), r
+        assert "all-reduce provider of the group" in r["error"], r

@@ -26,10 +26,27 @@ Work reduce_scatter(at::Tensor& output, at::Tensor& input, const Group& group);
 // ([tp * m, ...], contiguous): block r of the output is rank r's input.
 Work all_gather(at::Tensor& output, at::Tensor& input, const Group& group);
 
-// Async in-place sum of `tensor` (contiguous) over the group.
+// Async in-place sum of `tensor` (contiguous) over the group, or, when the group has
+// an all-reduce provider, a synchronous sum through it (the Work is then null).
 Work all_reduce(at::Tensor& tensor, const Group& group);
 
-// Waits for `work`; a failure or timeout is rethrown naming the op and group.
+// Waits for `work` (null: already complete); a failure or timeout is rethrown naming
+// the op and group.
 void wait(const Work& work, const char* op, const Group& group);
+
+// All-reduce provider of one group: a registered torch op with vLLM's schema
+// `all_reduce(Tensor tensor, str group_name) -> Tensor` (e.g. "vllm::all_reduce") and
+// the name the provider knows the same ranks by. flashcomm's all-reduces on the group
+// (the replicated row-parallel path) then run through it instead of the ProcessGroup,
+// so a serving engine's own communicator (vLLM: shared memory on CPU, custom
+// all-reduce / pynccl on CUDA) carries them. Reduce-scatters and all-gathers stay on
+// the ProcessGroup. It changes the transport, not the collective pattern, but must
+// still be set identically on every rank (the agreement check compares it).
+// Throws, naming `op_name`, when no such op with that schema is registered.
+void set_all_reduce_provider(const std::string& group_name, const std::string& op_name,
+                             const std::string& provider_group);
+void clear_all_reduce_provider(const std::string& group_name);
+// "op_name(provider_group)" for a group with a provider, "" otherwise.
+std::string all_reduce_provider(const std::string& group_name);
 
 }  // namespace flashcomm::comm

@@ -18,6 +18,8 @@ void verify_agreement(const char* op, const comm::Group& group, const at::Device
   const int64_t tp = group->getSize();
   if (tp > 1) {
     std::vector<core::Setting> settings = core::global_settings();
+    settings.push_back({"all-reduce provider of the group",
+                        core::stable_hash(comm::all_reduce_provider(group->getGroupName()))});
     settings.insert(settings.end(), call_settings.begin(), call_settings.end());
     const int64_t count = static_cast<int64_t>(settings.size());
     at::Tensor mine = at::empty({count}, at::TensorOptions().dtype(at::kLong));
@@ -37,6 +39,11 @@ void verify_agreement(const char* op, const comm::Group& group, const at::Device
   }
   std::lock_guard<std::mutex> lock(g_verified_mu);
   g_verified.insert(group->getID());
+}
+
+void forget_agreement(const comm::Group& group) {
+  std::lock_guard<std::mutex> lock(g_verified_mu);
+  g_verified.erase(group->getID());
 }
 
 void ensure_agreement(const char* op, const comm::Group& group, const at::Device& device,

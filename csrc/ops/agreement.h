@@ -18,6 +18,9 @@ namespace flashcomm::ops {
 void ensure_agreement(const char* op, const comm::Group& group, const at::Device& device,
                       const std::vector<core::Setting>& call_settings);
 
+// Makes the group's next use check again (after a setting of the group changed).
+void forget_agreement(const comm::Group& group);
+
 // The same check, unconditionally (flashcomm.init): must be called on every rank.
 void verify_agreement(const char* op, const comm::Group& group, const at::Device& device,
                       const std::vector<core::Setting>& call_settings);

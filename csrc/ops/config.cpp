@@ -19,6 +19,15 @@ void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows) {
   core::set_pipeline_config({max_chunks, min_chunk_rows});
 }
 
+void set_all_reduce_provider(const std::string& group_name, const std::string& op,
+                             const std::string& provider_group) {
+  ops::set_all_reduce_provider_op(group_name, op, provider_group);
+}
+
+void clear_all_reduce_provider(const std::string& group_name) {
+  ops::clear_all_reduce_provider_op(group_name);
+}
+
 namespace ops {
 
 std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op() {
@@ -35,6 +44,23 @@ void reset_stats_op() { flashcomm::reset_stats(); }
 
 void set_pipeline_config_op(int64_t max_chunks, int64_t min_chunk_rows) {
   flashcomm::set_pipeline_config(max_chunks, min_chunk_rows);
+}
+
+void set_all_reduce_provider_op(const std::string& group_name, const std::string& op,
+                                const std::string& provider_group) {
+  const comm::Group group = comm::resolve_group(group_name, "set_all_reduce_provider");
+  comm::set_all_reduce_provider(group_name, op, provider_group);
+  forget_agreement(group);  // the ranks compare providers at the group's next use
+}
+
+void clear_all_reduce_provider_op(const std::string& group_name) {
+  const comm::Group group = comm::resolve_group(group_name, "clear_all_reduce_provider");
+  comm::clear_all_reduce_provider(group_name);
+  forget_agreement(group);
+}
+
+std::string all_reduce_provider_op(const std::string& group_name) {
+  return comm::all_reduce_provider(group_name);
 }
 
 std::vector<int64_t> get_pipeline_config_op() {

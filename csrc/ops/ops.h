@@ -107,6 +107,10 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(
 std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op();
 void reset_stats_op();
 void set_pipeline_config_op(int64_t max_chunks, int64_t min_chunk_rows);
+void set_all_reduce_provider_op(const std::string& group_name, const std::string& op,
+                                const std::string& provider_group);
+void clear_all_reduce_provider_op(const std::string& group_name);
+std::string all_reduce_provider_op(const std::string& group_name);
 std::vector<int64_t> get_pipeline_config_op();
 void set_auto_threshold_op(const std::string& op, int64_t k, int64_t n, int64_t tp,
                            const std::string& dtype, int64_t threshold);

@@ -141,4 +141,12 @@ void reset_stats();
 // identically on every rank.
 void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows);
 
+// Routes the all-reduces of the c10d group `group_name` (the replicated path) through
+// the registered op `op` with the schema (Tensor tensor, str group_name) -> Tensor,
+// e.g. "vllm::all_reduce", which knows the same ranks as `provider_group`. Set it
+// identically on every rank; the ranks compare it at the group's next use.
+void set_all_reduce_provider(const std::string& group_name, const std::string& op,
+                             const std::string& provider_group);
+void clear_all_reduce_provider(const std::string& group_name);
+
 }  // namespace flashcomm

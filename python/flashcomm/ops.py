@@ -187,6 +187,31 @@ def get_pipeline_config() -> tuple[int, int]:
     return int(max_chunks), int(min_rows)
 
 
+def set_all_reduce_provider(group: Group, op: str = "vllm::all_reduce",
+                            provider_group: str = "") -> None:
+    """Routes flashcomm's all-reduces on ``group`` (the replicated path of the
+    row-parallel ops) through ``op`` instead of the c10d ProcessGroup.
+
+    ``op`` is a registered torch op with vLLM's schema ``all_reduce(Tensor tensor,
+    str group_name) -> Tensor``; ``provider_group`` is the name it knows the same ranks
+    by (vLLM: ``GroupCoordinator.unique_name``, e.g. ``"tp:0"``). Inside vLLM this lets
+    decode-sized calls use vLLM's own communicator (shared memory on CPU, custom
+    all-reduce / pynccl on CUDA). Reduce-scatters and all-gathers stay on the
+    ProcessGroup. Set it identically on every rank (the ranks compare it at the
+    group's next use). Raises if ``op`` is not registered."""
+    torch.ops.flashcomm.set_all_reduce_provider(group_name(group), op, provider_group)
+
+
+def clear_all_reduce_provider(group: Group) -> None:
+    """Back to the c10d ProcessGroup for ``group``'s all-reduces."""
+    torch.ops.flashcomm.clear_all_reduce_provider(group_name(group))
+
+
+def all_reduce_provider(group: Group) -> str:
+    """``"op(provider_group)"`` of ``group``'s all-reduce provider, ``""`` if none."""
+    return str(torch.ops.flashcomm.all_reduce_provider(group_name(group)))
+
+
 def init(group: Group = None, *, sp_threshold: Optional[int] = None,
          threshold: Optional[int] = None, enabled: Optional[bool] = None,
          device: Union[str, torch.device, None] = None, **settings: int) -> None:

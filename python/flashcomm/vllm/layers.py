@@ -55,6 +55,16 @@ MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_
                    "num_experts_per_tok", "moe_intermediate_size")
 
 
+ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
+
+
+def use_vllm_all_reduce() -> bool:
+    """``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): replicated calls all-reduce through
+    vLLM's communicator; ``0``: through the c10d group (gloo / NCCL / HCCL)."""
+    return os.environ.get(ENV_VLLM_ALL_REDUCE, "1").strip().lower() not in ("0", "false",
+                                                                            "no", "off")
+
+
 class FlashcommUnsupportedError(RuntimeError):
     """The model or configuration cannot run with flashcomm; nothing was converted."""
 
@@ -399,13 +409,21 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
         mod._fc_state = FcState(group_name=gname, sp_threshold=int(sp_threshold),
                                 threshold=int(threshold), w8a8=(kind == "w8a8"),
                                 gather=gather)
+    # Replicated (decode-sized) calls all-reduce through vLLM's own communicator for
+    # this group (shared memory on CPU, custom all-reduce / pynccl on CUDA) rather than
+    # the c10d group's backend; every worker sets the same, before the first forward.
+    provider = ""
+    if use_vllm_all_reduce() and group.world_size > 1:
+        flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
+        provider = flashcomm.all_reduce_provider(gname)
     # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
     extra = getattr(vllm_config, "additional_config", None)
     if isinstance(extra, dict):
         extra["flashcomm"] = {"sp_threshold": int(sp_threshold), "threshold": int(threshold),
-                              "version": flashcomm.__version__}
-    logger.info("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, group %s)",
-                len(plan), type(model).__name__, group.world_size, sp_threshold, gname)
+                              "version": flashcomm.__version__, "all_reduce": provider}
+    logger.info("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, group %s, "
+                "all-reduce %s)", len(plan), type(model).__name__, group.world_size,
+                sp_threshold, gname, provider or "c10d")
     if os.environ.get("FLASHCOMM_VLLM_VERBOSE"):
         print(f"flashcomm: converted {len(plan)} modules (pid {os.getpid()})", flush=True)
     return len(plan)

@@ -12,6 +12,9 @@ Environment:
 * ``FLASHCOMM_SP_THRESHOLD`` (default 1000): forwards with more tokens than this run
   sequence-parallel (sharded); the others run as plain TP (replicated).
 * ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
+* ``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): the replicated path all-reduces through
+  vLLM's own communicator (``vllm::all_reduce``: shared memory on CPU, custom
+  all-reduce / pynccl on CUDA); ``0``: through the c10d group.
 * ``FLASHCOMM_STATS_FILE``: each worker writes ``flashcomm.stats()`` as JSON to
   ``<FLASHCOMM_STATS_FILE>.<pid>`` at exit.
 
@@ -98,7 +101,8 @@ def worker_stats(worker=None) -> dict:
     recompilation happened)."""
     import torch
     import flashcomm
-    out = {"pid": os.getpid(), "stats": flashcomm.stats(), "converted": 0}
+    out = {"pid": os.getpid(), "stats": flashcomm.stats(), "converted": 0,
+           "all_reduce_provider": ""}
     try:
         from torch._dynamo.utils import counters
         out["dynamo"] = {k: dict(v) for k, v in counters.items()
@@ -115,7 +119,9 @@ def worker_stats(worker=None) -> dict:
                                if getattr(m, "_fc_state", None) is not None)
     try:
         from vllm.distributed import get_tp_group
-        out["rank"] = get_tp_group().rank_in_group
+        tp = get_tp_group()
+        out["rank"] = tp.rank_in_group
+        out["all_reduce_provider"] = flashcomm.all_reduce_provider(tp.device_group.group_name)
     except Exception:
         out["rank"] = None
     del torch

@@ -31,11 +31,24 @@ def init_vllm_tp() -> None:
         ident = [f"flashcomm-{os.getpid()}"]
         dist.broadcast_object_list(ident, src=0)  # rank-invariant: rank 0's name
         os.environ["VLLM_DIST_IDENT"] = ident[0]
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()  # vLLM's C ops (its CPU shared-memory all-reduce)
     rank, world = dist.get_rank(), dist.get_world_size()
     with set_current_vllm_config(VllmConfig()):
         ps.init_distributed_environment(world, rank, "env://", local_rank=rank,
                                         backend=dist.get_backend())
         ps.initialize_model_parallel(tensor_model_parallel_size=world)
+
+
+def vllm_tp_transport() -> str:
+    """What vLLM's TP group all-reduces with: ``"cpu-shm"`` (its shared-memory
+    communicator), or the name of the module / class it falls back to."""
+    from vllm.distributed import get_tp_group
+    comm = get_tp_group().device_communicator
+    mod = getattr(comm, "dist_module", None)
+    if mod is not None and type(mod).__name__ == "_CPUSHMDistributed":
+        return "cpu-shm"
+    return type(comm).__name__ if mod is None else getattr(mod, "__name__", type(mod).__name__)
 
 
 def destroy_vllm_tp() -> bool:

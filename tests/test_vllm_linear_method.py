@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _cases import rank_and_size
-from flashcomm.testing import RankPool
+from flashcomm.testing import RankPools
 
 try:
     import vllm  # noqa: F401
@@ -58,22 +58,11 @@ def _w8a8_config(act: str):
 def vllm_ranks():
     """``vllm_ranks(tp)``: rank pools of this module only (vLLM's process-global state
     stays out of the other tests' ranks), torn down at the end of the module."""
-    pools: dict[int, RankPool] = {}
-
-    def get(tp: int) -> RankPool:
-        if tp not in pools or pools[tp].broken:
-            pools[tp] = RankPool(tp, timeout_s=120.0)
-        return pools[tp]
-
+    pools = RankPools(teardown=destroy_vllm_tp)
     try:
-        yield get
+        yield pools
     finally:
-        for pool in pools.values():
-            try:
-                if not pool.broken:
-                    pool.run(destroy_vllm_tp)
-            finally:
-                pool.close()
+        pools.close()
 
 
 def _dense_weights(seed: int) -> dict[str, torch.Tensor]:

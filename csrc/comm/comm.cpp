@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
@@ -20,14 +21,13 @@ struct AllReduceProvider {
 };
 
 std::mutex g_providers_mu;
-std::map<std::string, AllReduceProvider> g_providers;  // by c10d group name
+// By c10d group name; immutable entries, shared so the all-reduce path copies nothing.
+std::map<std::string, std::shared_ptr<const AllReduceProvider>> g_providers;
 
-std::optional<AllReduceProvider> provider_for(const std::string& group_name) {
+std::shared_ptr<const AllReduceProvider> provider_for(const std::string& group_name) {
   std::lock_guard<std::mutex> lock(g_providers_mu);
-  if (g_providers.empty()) return std::nullopt;
   auto it = g_providers.find(group_name);
-  if (it == g_providers.end()) return std::nullopt;
-  return it->second;
+  return it == g_providers.end() ? nullptr : it->second;
 }
 
 }  // namespace
@@ -49,7 +49,8 @@ void set_all_reduce_provider(const std::string& group_name, const std::string& o
                 "' must have the schema (Tensor tensor, str group_name) -> Tensor, got ",
                 handle->schema());
   }
-  AllReduceProvider provider{*typed, op_name, provider_group};
+  auto provider = std::make_shared<const AllReduceProvider>(
+      AllReduceProvider{*typed, op_name, provider_group});
   std::lock_guard<std::mutex> lock(g_providers_mu);
   g_providers.insert_or_assign(group_name, std::move(provider));
 }

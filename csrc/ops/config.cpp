@@ -21,11 +21,15 @@ void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows) {
 
 void set_all_reduce_provider(const std::string& group_name, const std::string& op,
                              const std::string& provider_group) {
-  ops::set_all_reduce_provider_op(group_name, op, provider_group);
+  const comm::Group group = comm::resolve_group(group_name, "set_all_reduce_provider");
+  comm::set_all_reduce_provider(group_name, op, provider_group);
+  ops::forget_agreement(group);  // the ranks compare providers at the group's next use
 }
 
 void clear_all_reduce_provider(const std::string& group_name) {
-  ops::clear_all_reduce_provider_op(group_name);
+  const comm::Group group = comm::resolve_group(group_name, "clear_all_reduce_provider");
+  comm::clear_all_reduce_provider(group_name);
+  ops::forget_agreement(group);
 }
 
 namespace ops {
@@ -48,15 +52,11 @@ void set_pipeline_config_op(int64_t max_chunks, int64_t min_chunk_rows) {
 
 void set_all_reduce_provider_op(const std::string& group_name, const std::string& op,
                                 const std::string& provider_group) {
-  const comm::Group group = comm::resolve_group(group_name, "set_all_reduce_provider");
-  comm::set_all_reduce_provider(group_name, op, provider_group);
-  forget_agreement(group);  // the ranks compare providers at the group's next use
+  flashcomm::set_all_reduce_provider(group_name, op, provider_group);
 }
 
 void clear_all_reduce_provider_op(const std::string& group_name) {
-  const comm::Group group = comm::resolve_group(group_name, "clear_all_reduce_provider");
-  comm::clear_all_reduce_provider(group_name);
-  forget_agreement(group);
+  flashcomm::clear_all_reduce_provider(group_name);
 }
 
 std::string all_reduce_provider_op(const std::string& group_name) {

@@ -154,3 +154,35 @@ class RankPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class RankPools:
+    """Lazily created :class:`RankPool` s keyed by world size; a broken pool is replaced.
+
+    ``teardown`` (a module-level function) runs on every healthy pool's ranks before it
+    closes, e.g. to release per-process state the pool's functions set up."""
+
+    def __init__(self, timeout_s: float = 120.0,
+                 teardown: Optional[Callable[[], Any]] = None) -> None:
+        self._pools: dict[int, RankPool] = {}
+        self._timeout_s = timeout_s
+        self._teardown = teardown
+
+    def __call__(self, world_size: int) -> RankPool:
+        pool = self._pools.get(world_size)
+        if pool is not None and pool.broken:
+            pool.close()
+            pool = None
+        if pool is None:
+            pool = RankPool(world_size, timeout_s=self._timeout_s)
+            self._pools[world_size] = pool
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            try:
+                if self._teardown is not None and not pool.broken:
+                    pool.run(self._teardown)
+            finally:
+                pool.close()
+        self._pools.clear()

@@ -55,16 +55,6 @@ MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_
                    "num_experts_per_tok", "moe_intermediate_size")
 
 
-ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
-
-
-def use_vllm_all_reduce() -> bool:
-    """``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): replicated calls all-reduce through
-    vLLM's communicator; ``0``: through the c10d group (gloo / NCCL / HCCL)."""
-    return os.environ.get(ENV_VLLM_ALL_REDUCE, "1").strip().lower() not in ("0", "false",
-                                                                            "no", "off")
-
-
 class FlashcommUnsupportedError(RuntimeError):
     """The model or configuration cannot run with flashcomm; nothing was converted."""
 
@@ -394,10 +384,11 @@ def check_model(model: nn.Module, tp_size: int) -> dict[str, tuple[nn.Module, st
 
 
 def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
-                  threshold: int = -1) -> int:
+                  threshold: int = -1, vllm_all_reduce: bool = True) -> int:
     """Validate and activate flashcomm on a freshly built (not yet loaded) vLLM model.
     All or nothing: raises :class:`FlashcommUnsupportedError` before touching anything.
-    Returns the number of converted modules."""
+    ``vllm_all_reduce``: replicated calls all-reduce through vLLM's communicator for the
+    TP group instead of the c10d group. Returns the number of converted modules."""
     from vllm.distributed import get_tp_group
     check_config(vllm_config)
     group = get_tp_group()
@@ -413,7 +404,7 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
     # this group (shared memory on CPU, custom all-reduce / pynccl on CUDA) rather than
     # the c10d group's backend; every worker sets the same, before the first forward.
     provider = ""
-    if use_vllm_all_reduce() and group.world_size > 1:
+    if vllm_all_reduce and group.world_size > 1:
         flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
         provider = flashcomm.all_reduce_provider(gname)
     # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.

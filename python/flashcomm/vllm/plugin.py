@@ -36,13 +36,24 @@ ENV_ENABLE = "FLASHCOMM_ENABLE"
 ENV_SP_THRESHOLD = "FLASHCOMM_SP_THRESHOLD"
 ENV_THRESHOLD = "FLASHCOMM_THRESHOLD"
 ENV_STATS_FILE = "FLASHCOMM_STATS_FILE"
+ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
 DEFAULT_SP_THRESHOLD = 1000
 
 _REGISTERED = False
 
 
+def _bool_env(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw in ("1", "true", "yes", "on")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV_ENABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    return _bool_env(ENV_ENABLE, False)
+
+
+def vllm_all_reduce() -> bool:
+    """Replicated calls all-reduce through vLLM's communicator (default) or c10d."""
+    return _bool_env(ENV_VLLM_ALL_REDUCE, True)
 
 
 def _int_env(name: str, default: int) -> int:
@@ -71,13 +82,13 @@ def register() -> None:
     spt, thr = sp_threshold(), kernel_threshold()
     from . import layers
     layers.install()
-    _patch_model_loader(spt, thr)
+    _patch_model_loader(spt, thr, vllm_all_reduce())
     if os.environ.get(ENV_STATS_FILE):
         atexit.register(_dump_stats)
     _REGISTERED = True
 
 
-def _patch_model_loader(spt: int, thr: int) -> None:
+def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     original = BaseModelLoader.create_model
     if getattr(original, "_flashcomm_wrapped", False):
@@ -88,7 +99,7 @@ def _patch_model_loader(spt: int, thr: int) -> None:
         layers.check_config(vllm_config)  # refuse before anything is built
         model = original(self, vllm_config=vllm_config, model_config=model_config,
                          prefix=prefix)
-        layers.convert_model(model, vllm_config, spt, thr)
+        layers.convert_model(model, vllm_config, spt, thr, use_vllm_all_reduce)
         return model
 
     create_model._flashcomm_wrapped = True

@@ -153,4 +153,30 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
   }
 }
 
+void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n, H], got sizes ", x.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(weight.dim() == 1, op, ": weight must be 1-D [H], got sizes ", weight.sym_sizes());
+  TORCH_SYM_CHECK(weight.sym_size(0).sym_eq(x.sym_size(1)), op,
+                  ": weight must have H = ", x.sym_size(1), " elements, got ", weight.sym_size(0));
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on x's device ", x.device(),
+              ", got ", weight.device());
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2, op, ": residual must be 2-D [n, H] like x, got sizes ",
+                residual->sym_sizes());
+    TORCH_SYM_CHECK(residual->sym_size(0).sym_eq(x.sym_size(0)), op,
+                    ": residual must have x's n = ", x.sym_size(0), " rows, got ",
+                    residual->sym_size(0));
+    TORCH_SYM_CHECK(residual->sym_size(1).sym_eq(x.sym_size(1)), op,
+                    ": residual must have x's H = ", x.sym_size(1), " columns, got ",
+                    residual->sym_size(1));
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual dtype must match x (",
+                x.scalar_type(), "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on x's device ",
+                x.device(), ", got ", residual->device());
+  }
+}
+
 }  // namespace flashcomm::ops

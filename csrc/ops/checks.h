@@ -43,4 +43,8 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
                        const std::optional<at::Tensor>& input_zero_point,
                        c10::ScalarType out_dtype);
 
+// sp_add_rms_norm: x [n, H] floating point, residual (optional) like x, weight [H].
+void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                const at::Tensor& weight);
+
 }  // namespace flashcomm::ops

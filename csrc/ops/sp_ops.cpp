@@ -20,6 +20,7 @@
 #include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/linear.h"
+#include "ops/norm.h"
 #include "ops/ops.h"
 #include "ops/pipeline.h"
 
@@ -112,45 +113,6 @@ at::Tensor column_parallel(const char* op, OpId compact_op, const comm::Group& g
   return gather_output ? ops::gather_output_features(op, group, local) : local;
 }
 
-void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n, H], got sizes ", x.sym_sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(weight.dim() == 1, op, ": weight must be 1-D [H], got sizes ", weight.sym_sizes());
-  TORCH_SYM_CHECK(weight.sym_size(0).sym_eq(x.sym_size(1)), op,
-                  ": weight must have H = ", x.sym_size(1), " elements, got ", weight.sym_size(0));
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on x's device ", x.device(),
-              ", got ", weight.device());
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->dim() == 2, op, ": residual must be 2-D [n, H] like x, got sizes ",
-                residual->sym_sizes());
-    TORCH_SYM_CHECK(residual->sym_size(0).sym_eq(x.sym_size(0)), op,
-                    ": residual must have x's n = ", x.sym_size(0), " rows, got ",
-                    residual->sym_size(0));
-    TORCH_SYM_CHECK(residual->sym_size(1).sym_eq(x.sym_size(1)), op,
-                    ": residual must have x's H = ", x.sym_size(1), " columns, got ",
-                    residual->sym_size(1));
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual dtype must match x (",
-                x.scalar_type(), "), got ", residual->scalar_type());
-    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on x's device ",
-                x.device(), ", got ", residual->device());
-  }
-}
-
-// vLLM's add + RMSNorm convention, on the rows given: s = x + residual (fp32),
-// residual_out = s in x's dtype, normed = (s * rsqrt(mean(s^2) + eps)) in x's
-// dtype, times weight.
-void add_rms_norm_rows(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                       const at::Tensor& weight, double eps, at::Tensor normed,
-                       at::Tensor residual_out) {
-  at::Tensor s = x.to(at::kFloat);
-  if (residual.has_value()) s = s + residual->to(at::kFloat);
-  residual_out.copy_(s);
-  const at::Tensor inv_rms = at::rsqrt(s.pow(2).mean(/*dim=*/{-1}, /*keepdim=*/true) + eps);
-  at::mul_out(normed, (s * inv_rms).to(x.scalar_type()), weight.to(x.scalar_type()));
-}
-
 }  // namespace
 
 at::Tensor sp_row_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -232,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
                                                    const GroupPtr& group, int64_t sp_threshold,
                                                    bool enabled, bool gather) {
   constexpr const char* kOp = "sp_add_rms_norm";
-  check_norm(kOp, x, residual, weight);
+  ops::check_norm(kOp, x, residual, weight);
   const int64_t n = x.size(0), H = x.size(1), tp = group->getSize();
   const Mode m = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), n, sp_threshold, enabled,
                              /*threshold=*/-1);
@@ -249,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
     const int64_t c = core::shard_rows(n, tp);
     at::Tensor block = at::zeros({c, H}, x.options());
     if (rows.size() > 0) {
-      add_rms_norm_rows(slice(x), residual_rows, weight, eps, block.narrow(0, 0, rows.size()),
+      ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, block.narrow(0, 0, rows.size()),
                         slice(residual_out));
     }
     at::Tensor gathered = at::empty({tp * c, H}, x.options());
@@ -258,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
   }
   at::Tensor normed = at::empty({n, H}, x.options());
   if (rows.size() > 0) {
-    add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed), slice(residual_out));
+    ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed), slice(residual_out));
   }
   poison_outside(normed, rows);
   return {normed, residual_out};

@@ -49,7 +49,18 @@ ColumnLinear fp_column_linear(const at::Tensor& x_rows, const at::Tensor& weight
       at::mm_out(out, rows, w_t);
     }
   };
-  return {x_rows, std::move(gemm), weight.size(0), x_rows.options()};
+  ColumnLinear linear;
+  linear.rows = x_rows.size(0);
+  linear.payload_cols = x_rows.size(1);
+  linear.payload_dtype = x_rows.scalar_type();
+  linear.payload = x_rows;
+  linear.write_payload = [x_rows](int64_t row_begin, int64_t rows, at::Tensor& dst) {
+    dst.copy_(x_rows.narrow(0, row_begin, rows));
+  };
+  linear.gemm = std::move(gemm);
+  linear.out_features = weight.size(0);
+  linear.out_options = x_rows.options();
+  return linear;
 }
 
 ColumnLinear w8a8_column_linear(const at::Tensor& x_rows, const at::Tensor& weight,
@@ -73,12 +84,31 @@ ColumnLinear w8a8_column_linear(const at::Tensor& x_rows, const at::Tensor& weig
     const at::Tensor acc = int8_matmul(part.q, weight);
     dequantize_into(acc, part.scale, weight_scale, zp_corr, bias ? &*bias : nullptr, out);
   };
-  return {std::move(payload), std::move(gemm), weight.size(0), x_rows.options().dtype(out_dtype)};
+  ColumnLinear linear;
+  linear.rows = payload.size(0);
+  linear.payload_cols = payload.size(1);
+  linear.payload_dtype = payload.scalar_type();
+  linear.payload = payload;
+  linear.write_payload = [payload](int64_t row_begin, int64_t rows, at::Tensor& dst) {
+    dst.copy_(payload.narrow(0, row_begin, rows));
+  };
+  linear.gemm = std::move(gemm);
+  linear.out_features = weight.size(0);
+  linear.out_options = x_rows.options().dtype(out_dtype);
+  return linear;
+}
+
+at::Tensor materialize_payload(const ColumnLinear& linear) {
+  if (linear.payload.defined() && linear.payload.is_contiguous()) return linear.payload;
+  at::Tensor buf = at::empty({linear.rows, linear.payload_cols},
+                             linear.out_options.dtype(linear.payload_dtype));
+  if (linear.rows > 0) linear.write_payload(0, linear.rows, buf);
+  return buf;
 }
 
 at::Tensor run_local(const ColumnLinear& linear) {
-  at::Tensor out = at::empty({linear.payload.size(0), linear.out_features}, linear.out_options);
-  if (out.size(0) > 0) linear.gemm(linear.payload, out);
+  at::Tensor out = at::empty({linear.rows, linear.out_features}, linear.out_options);
+  if (out.size(0) > 0) linear.gemm(materialize_payload(linear), out);
   return out;
 }
 

@@ -5,11 +5,57 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 
-#include "ops/pipeline.h"
 
 namespace flashcomm::ops {
+
+// Writes the partial product of global token rows [row_begin, row_begin + rows)
+// into `out` ([rows, N], row-contiguous, the linear's output dtype). `out` may be
+// a view of shared memory (the host transport's slot): write into it, don't
+// replace it.
+using RowGemm = std::function<void(int64_t row_begin, int64_t rows, at::Tensor& out)>;
+
+// Writes the product of gathered payload rows `rows` ([m, payload_cols]: rows the
+// op all-gathered, possibly a view of a peer's shared-memory slot: read-only)
+// into `out` ([m, N], row-contiguous).
+using GatheredGemm = std::function<void(const at::Tensor& rows, at::Tensor& out)>;
+
+// Writes payload rows [row_begin, row_begin + rows) of this rank into `dst`
+// ([rows, payload_cols] of payload_dtype, row-contiguous, possibly shared memory).
+using PayloadWriter = std::function<void(int64_t row_begin, int64_t rows, at::Tensor& dst)>;
+
+// Row-parallel partial product over n token rows: x [n, K_r] @ W [N, K_r]^T,
+// bias added only where `add_bias` (rank 0), so it lands once per row after the
+// sum over ranks.
+struct RowLinear {
+  RowGemm gemm;
+  int64_t n = 0;
+  int64_t out_features = 0;
+  at::TensorOptions out_options;
+};
+
+// Column-parallel product of token rows. The payload is this rank's rows in the
+// form that travels: [rows, K] values (FP), or for W8A8 int8 values with the
+// per-token fp32 scale packed into 4 trailing bytes of each row. `gemm` turns any
+// gathered block of payload rows into output rows.
+struct ColumnLinear {
+  int64_t rows = 0;              // payload rows this rank contributes
+  int64_t payload_cols = 0;      // elements per payload row
+  c10::ScalarType payload_dtype = c10::kFloat;
+  at::Tensor payload;            // [rows, payload_cols] when it already exists as a tensor
+                                 // (FP: x's rows), so a transport may send it in place;
+                                 // undefined when it is only produced by write_payload
+  PayloadWriter write_payload;   // always set
+  GatheredGemm gemm;
+  int64_t out_features = 0;
+  at::TensorOptions out_options;
+};
+
+// The whole payload as one contiguous tensor: `payload` when defined and
+// contiguous, else written into a new one.
+at::Tensor materialize_payload(const ColumnLinear& linear);
 
 RowLinear fp_row_linear(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, bool add_bias);

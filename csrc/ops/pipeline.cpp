@@ -81,16 +81,15 @@ at::Tensor gemm_all_reduce(const char* op, const comm::Group& group, const RowLi
 at::Tensor all_gather_gemm(const char* op, const comm::Group& group, core::Strategy strategy,
                            int64_t n, const ColumnLinear& linear) {
   const int64_t tp = group->getSize();
-  const at::Tensor& payload = linear.payload;
   const GatheredGemm& gemm = linear.gemm;
   at::Tensor out = at::empty({n, linear.out_features}, linear.out_options);
   if (n == 0) return out;  // rank-invariant: every rank skips the collective
   if (tp == 1) {
-    gemm(payload, out);
+    gemm(materialize_payload(linear), out);
     return out;
   }
   const int64_t c = core::shard_rows(n, tp);
-  at::Tensor shard = payload.contiguous();
+  at::Tensor shard = materialize_payload(linear);
   std::vector<int64_t> gathered_sizes = shard.sizes().vec();
 
   if (strategy == core::Strategy::kSequential) {

@@ -5,11 +5,10 @@
 
 #include <ATen/ATen.h>
 
-#include <functional>
-
 #include "comm/comm.h"
 #include "core/policy.h"
 #include "core/stats.h"
+#include "ops/linear.h"
 
 namespace flashcomm::ops {
 
@@ -17,34 +16,6 @@ namespace flashcomm::ops {
 // for the op shape), recorded in the per-op counters. Rank-invariant inputs only.
 core::Strategy decide_strategy(core::OpId op, int64_t n_global, int64_t K, int64_t N, int64_t tp,
                                c10::ScalarType dtype, int64_t threshold, bool enabled);
-
-// Writes the partial product of global token rows [row_begin, row_begin + rows)
-// into `out` ([rows, N], contiguous, the engine's output dtype).
-using RowGemm = std::function<void(int64_t row_begin, int64_t rows, at::Tensor& out)>;
-
-// Writes the product of gathered token rows `rows` ([m, ...]: the payload rows
-// the op all-gathered) into `out` ([m, N], contiguous).
-using GatheredGemm = std::function<void(const at::Tensor& rows, at::Tensor& out)>;
-
-// Row-parallel partial product over n token rows: x [n, K_r] @ W [N, K_r]^T,
-// bias added only where `add_bias` (rank 0), so it lands once per row after the
-// sum over ranks.
-struct RowLinear {
-  RowGemm gemm;
-  int64_t n = 0;
-  int64_t out_features = 0;
-  at::TensorOptions out_options;
-};
-
-// Column-parallel product of token rows: `payload` holds this rank's rows in
-// the form that travels ([rows, K] values, for W8A8 int8 with per-token scales
-// packed in), `gemm` turns any gathered block of payload rows into output rows.
-struct ColumnLinear {
-  at::Tensor payload;
-  GatheredGemm gemm;
-  int64_t out_features = 0;
-  at::TensorOptions out_options;
-};
 
 // Row-parallel GEMM + reduce-scatter over n global rows. Returns this rank's
 // [c, N] block of the summed product (rows >= n zero); tp == 1: [n, N].

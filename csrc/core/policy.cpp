@@ -8,14 +8,19 @@ const char* strategy_name(Strategy s) {
   return s == Strategy::kPipelined ? "pipelined" : "sequential";
 }
 
-Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled) {
-  return (enabled && tp > 1 && n_global > threshold) ? Strategy::kPipelined : Strategy::kSequential;
+Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled,
+                         bool force_collectives) {
+  return (enabled && (tp > 1 || force_collectives) && n_global > threshold)
+             ? Strategy::kPipelined
+             : Strategy::kSequential;
 }
 
 const char* mode_name(Mode m) { return m == Mode::kSharded ? "sharded" : "replicated"; }
 
-Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled) {
-  return (enabled && tp > 1 && n > sp_threshold) ? Mode::kSharded : Mode::kReplicated;
+Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled,
+                 bool force_collectives) {
+  return (enabled && (tp > 1 || force_collectives) && n > sp_threshold) ? Mode::kSharded
+                                                                       : Mode::kReplicated;
 }
 
 ThresholdTable& ThresholdTable::instance() {

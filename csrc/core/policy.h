@@ -23,9 +23,12 @@ const char* strategy_name(Strategy s);
 // tuning-table entry matches its shape. The constant every peer uses.
 inline constexpr int64_t kDefaultThreshold = 1000;
 
-// pipelined iff enabled && tp > 1 && n_global > threshold.
+// pipelined iff enabled && (tp > 1 || force_collectives) && n_global > threshold.
 // `threshold` must already be resolved (>= 0); see resolve_threshold.
-Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled);
+// force_collectives: a one-rank group that takes every path a larger group takes
+// (the FLASHCOMM_DEBUG_FORCE_COLLECTIVES debug setting).
+Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled,
+                         bool force_collectives = false);
 
 // Layout mode of the layout-invariant ops (DESIGN.md section 3): replicated =
 // all token rows valid on every rank (plain TP); sharded = rank r's owned rows
@@ -34,8 +37,9 @@ enum class Mode : int { kReplicated = 0, kSharded = 1 };
 
 const char* mode_name(Mode m);
 
-// sharded iff enabled && tp > 1 && n > sp_threshold.
-Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled);
+// sharded iff enabled && (tp > 1 || force_collectives) && n > sp_threshold.
+Mode choose_mode(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled,
+                 bool force_collectives = false);
 
 // Key of one op shape in the tuning table. `dtype` is a short string such as
 // "float32", "bfloat16" or "int8" so this layer stays torch-free.

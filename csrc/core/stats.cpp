@@ -22,6 +22,8 @@ const char* op_name(OpId op) {
       return "sp_column_linear_w8a8";
     case OpId::kSpAddRmsNorm:
       return "sp_add_rms_norm";
+    case OpId::kSpReduce:
+      return "sp_reduce";
     default:
       return "unknown";
   }

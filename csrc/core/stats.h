@@ -26,6 +26,7 @@ enum class OpId : int {
   kSpRowLinearW8A8,
   kSpColumnLinearW8A8,
   kSpAddRmsNorm,
+  kSpReduce,
   kCount
 };
 

@@ -153,6 +153,13 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
   }
 }
 
+void check_partial(const char* op, const at::Tensor& partial) {
+  TORCH_CHECK(partial.dim() == 2, op, ": partial must be 2-D [n, N], got sizes ",
+              partial.sym_sizes());
+  TORCH_CHECK(at::isFloatingType(partial.scalar_type()), op,
+              ": partial must be floating point, got ", partial.scalar_type());
+}
+
 void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                 const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n, H], got sizes ", x.sym_sizes());

@@ -43,6 +43,9 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
                        const std::optional<at::Tensor>& input_zero_point,
                        c10::ScalarType out_dtype);
 
+// sp_reduce: partial [n, N] floating point.
+void check_partial(const char* op, const at::Tensor& partial);
+
 // sp_add_rms_norm: x [n, H] floating point, residual (optional) like x, weight [H].
 void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                 const at::Tensor& weight);

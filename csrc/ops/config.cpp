@@ -1,9 +1,9 @@
-// Counters and process-wide configuration exposed as ops and C++ API.
+// Counters and process-wide configuration, as C++ API and ops.
 #include <flashcomm/flashcomm.h>
 
+#include "comm/comm.h"
 #include "core/policy.h"
 #include "core/stats.h"
-#include "ops/agreement.h"
 #include "ops/ops.h"
 
 namespace flashcomm {
@@ -21,15 +21,23 @@ void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows) {
 
 void set_all_reduce_provider(const std::string& group_name, const std::string& op,
                              const std::string& provider_group) {
-  const comm::Group group = comm::resolve_group(group_name, "set_all_reduce_provider");
   comm::set_all_reduce_provider(group_name, op, provider_group);
-  ops::forget_agreement(group);  // the ranks compare providers at the group's next use
 }
 
 void clear_all_reduce_provider(const std::string& group_name) {
-  const comm::Group group = comm::resolve_group(group_name, "clear_all_reduce_provider");
   comm::clear_all_reduce_provider(group_name);
-  ops::forget_agreement(group);
+}
+
+void init(const GroupPtr& group, const at::Device& device,
+          const std::vector<std::pair<std::string, int64_t>>& settings) {
+  std::vector<core::Setting> named;
+  for (const auto& [name, value] : settings) named.push_back({name, value});
+  comm::verify(comm::resolve(group, "flashcomm.init"), "flashcomm.init", device, named);
+}
+
+void set_transport(const GroupPtr& group, const std::string& transport) {
+  const comm::Group g = comm::resolve(group, "set_transport");
+  comm::set_transport(g.name(), comm::parse_transport_kind(transport, "set_transport: transport"));
 }
 
 namespace ops {
@@ -42,25 +50,6 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op() {
     counts.push_back(count);
   }
   return {names, counts};
-}
-
-void reset_stats_op() { flashcomm::reset_stats(); }
-
-void set_pipeline_config_op(int64_t max_chunks, int64_t min_chunk_rows) {
-  flashcomm::set_pipeline_config(max_chunks, min_chunk_rows);
-}
-
-void set_all_reduce_provider_op(const std::string& group_name, const std::string& op,
-                                const std::string& provider_group) {
-  flashcomm::set_all_reduce_provider(group_name, op, provider_group);
-}
-
-void clear_all_reduce_provider_op(const std::string& group_name) {
-  flashcomm::clear_all_reduce_provider(group_name);
-}
-
-std::string all_reduce_provider_op(const std::string& group_name) {
-  return comm::all_reduce_provider(group_name);
 }
 
 std::vector<int64_t> get_pipeline_config_op() {
@@ -82,8 +71,24 @@ void verify_agreement_op(const std::string& group_name, const std::vector<std::s
               ") and values (", values.size(), ") must have the same length");
   std::vector<core::Setting> settings;
   for (size_t i = 0; i < names.size(); ++i) settings.push_back({names[i], values[i]});
-  verify_agreement("flashcomm.init", comm::resolve_group(group_name, "flashcomm.init"), device,
-                   settings);
+  comm::verify(comm::resolve(group_name, "flashcomm.init"), "flashcomm.init", device, settings);
+}
+
+void set_transport_op(const std::string& group_name, const std::string& transport) {
+  comm::set_transport(group_name,
+                      comm::parse_transport_kind(transport, "set_transport: transport"));
+}
+
+std::string transport_op(const std::string& group_name) {
+  return comm::transport_name(group_name);
+}
+
+std::string all_reduce_provider_op(const std::string& group_name) {
+  return comm::all_reduce_provider(group_name);
+}
+
+void set_capturing_for_testing_op(bool capturing) {
+  comm::set_capturing_for_testing(capturing);
 }
 
 }  // namespace ops

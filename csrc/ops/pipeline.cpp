@@ -1,5 +1,9 @@
 #include "ops/pipeline.h"
 
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/shard.h"
@@ -7,137 +11,241 @@
 
 namespace flashcomm::ops {
 
-core::Strategy decide_strategy(core::OpId op, int64_t n_global, int64_t K, int64_t N, int64_t tp,
-                               c10::ScalarType dtype, int64_t threshold, bool enabled) {
-  const core::ShapeKey key{core::op_name(op), K, N, tp, dtype_key(dtype)};
+using core::RowRange;
+
+core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t n_global,
+                               int64_t K, int64_t N, c10::ScalarType dtype, int64_t threshold,
+                               bool enabled) {
+  int64_t resolved = threshold;
+  if (resolved < 0) {
+    resolved = core::resolve_threshold(
+        threshold, core::ShapeKey{core::op_name(op), K, N, group.size(), dtype_key(dtype)});
+  }
   const core::Strategy s =
-      core::choose_strategy(n_global, tp, core::resolve_threshold(threshold, key), enabled);
+      core::choose_strategy(n_global, group.size(), resolved, enabled, group.collective());
   core::Stats::instance().record(op, s);
   return s;
 }
 
-at::Tensor gemm_reduce_scatter(const char* op, const comm::Group& group, core::Strategy strategy,
-                               const RowLinear& linear, at::Tensor out) {
-  const int64_t tp = group->getSize();
+namespace {
+
+// The steps of one call over a rank block of c rows: the strategy's chunks, each
+// cut into near-equal pieces that fit the transport's step capacity when every
+// block row adds `row_bytes` to a step.
+std::vector<RowRange> plan_steps(const comm::Group& group, core::Strategy strategy, int64_t c,
+                                 int64_t row_bytes, const char* op) {
+  std::vector<RowRange> chunks;
+  if (strategy == core::Strategy::kPipelined) {
+    const core::PipelineConfig cfg = core::pipeline_config();
+    chunks = core::plan_chunks(c, cfg.max_chunks, cfg.min_chunk_rows);
+  } else if (c > 0) {
+    chunks.push_back({0, c});
+  }
+  const int64_t capacity = group.transport().step_capacity();
+  if (capacity == 0) return chunks;
+  const int64_t max_rows = capacity / row_bytes;
+  TORCH_CHECK(max_rows >= 1, op, ": one row of this collective (", row_bytes,
+              " bytes over the group) does not fit the ", group.transport().name(),
+              " transport's step of ", capacity,
+              " bytes; raise FLASHCOMM_SHM_BYTES or use FLASHCOMM_TRANSPORT=c10d");
+  std::vector<RowRange> steps;
+  for (const RowRange& chunk : chunks) {
+    const int64_t pieces = core::ceil_div(chunk.size(), max_rows);
+    const std::vector<RowRange> split = core::plan_chunks(chunk.size(), pieces, 1);
+    for (const RowRange& p : split) steps.push_back({chunk.begin + p.begin, chunk.begin + p.end});
+  }
+  return steps;
+}
+
+// Keeps at most `window` steps started and not yet completed; `complete` finishes
+// the oldest. Every rank runs the same sequence, so the transports' own limits
+// (shm: two buffers) are respected identically everywhere.
+template <typename Step, typename Complete>
+class Window {
+ public:
+  Window(int window, Complete complete) : window_(window), complete_(std::move(complete)) {}
+  void push(Step step) {
+    pending_.push_back(std::move(step));
+    if (static_cast<int>(pending_.size()) >= window_) pop();
+  }
+  void drain() {
+    while (!pending_.empty()) pop();
+  }
+
+ private:
+  void pop() {
+    complete_(pending_.front());
+    pending_.pop_front();
+  }
+  int window_;
+  Complete complete_;
+  std::deque<Step> pending_;
+};
+
+template <typename Step, typename Complete>
+Window<Step, Complete> make_window(int window, Complete complete) {
+  return Window<Step, Complete>(window, std::move(complete));
+}
+
+}  // namespace
+
+void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
+                         const RowLinear& linear, at::Tensor out, const comm::CallInfo& call) {
+  const int64_t tp = group.size();
   const int64_t n = linear.n, N = linear.out_features;
-  const at::TensorOptions& out_options = linear.out_options;
   const RowGemm& gemm = linear.gemm;
   const int64_t c = core::shard_rows(n, tp);
-  if (!out.defined()) out = at::empty({c, N}, out_options);
-  TORCH_INTERNAL_ASSERT(out.size(0) == c && out.size(1) == N && out.is_contiguous());
-  if (tp == 1) {
+  TORCH_INTERNAL_ASSERT(out.size(0) == (group.collective() ? c : n) && out.size(1) == N &&
+                        out.is_contiguous());
+  if (!group.collective()) {
     if (n > 0) gemm(0, n, out);
-    return out;
+    return;
   }
   // n is rank-invariant, so either every rank skips the collective or none does.
-  if (n == 0) return out;
+  if (n == 0) return;
 
-  if (strategy == core::Strategy::kSequential) {
-    at::Tensor send = at::empty({tp * c, N}, out_options);
-    at::Tensor valid = send.narrow(0, 0, n);
-    gemm(0, n, valid);
-    const int64_t pad = core::pad_rows(n, tp);
-    if (pad > 0) send.narrow(0, n, pad).zero_();
-    comm::wait(comm::reduce_scatter(out, send, group), op, group);
+  const std::vector<RowRange> steps =
+      plan_steps(group, strategy, c, tp * N * out.element_size(), call.op);
+  auto window = make_window<std::unique_ptr<comm::ReduceStep>>(
+      group.transport().max_in_flight(), [](std::unique_ptr<comm::ReduceStep>& s) { s->wait(); });
+  int piece = 0;
+  for (const RowRange& step_rows : steps) {
+    const int64_t len = step_rows.size();
+    auto step = group.transport().reduce_scatter_step(out.narrow(0, step_rows.begin, len), call,
+                                                      piece++);
+    // The send buffer holds block rows [lo, hi) of every rank block d at rows
+    // [d*len, d*len + len); the step delivers their sum over ranks for block r
+    // to out rows [lo, hi) on rank r. Padding rows (global row >= n) are zero.
+    at::Tensor send = step->send_buffer();
+    if (len == c) {
+      // The whole block: the send layout is the global row order.
+      at::Tensor valid = send.narrow(0, 0, n);
+      gemm(0, n, valid);
+      if (tp * c > n) send.narrow(0, n, tp * c - n).zero_();
+    } else {
+      for (int64_t d = 0; d < tp; ++d) {
+        const int64_t rows =
+            core::valid_rows_in_block(n, tp, d, step_rows.begin, step_rows.end);
+        if (rows > 0) {
+          at::Tensor dst = send.narrow(0, d * len, rows);
+          gemm(d * c + step_rows.begin, rows, dst);
+        }
+        if (rows < len) send.narrow(0, d * len + rows, len - rows).zero_();
+      }
+    }
+    step->start();
+    window.push(std::move(step));
+  }
+  window.drain();
+}
+
+at::Tensor gemm_all_reduce(const comm::Group& group, const RowLinear& linear,
+                           const comm::CallInfo& call) {
+  const int64_t n = linear.n, N = linear.out_features;
+  at::Tensor out = at::empty({n, N}, linear.out_options);
+  if (n == 0) return out;  // rank-invariant: every rank skips the collective
+  if (!group.collective() || comm::has_all_reduce_provider(group)) {
+    linear.gemm(0, n, out);
+    if (group.collective()) comm::all_reduce(group, out, call);
     return out;
   }
-
-  // Chunk i's send buffer holds block rows [lo, hi) of every rank block d at
-  // rows [d*len, d*len + len); the reduce-scatter delivers their sum over ranks
-  // for block r to out rows [lo, hi) on rank r.
-  const core::PipelineConfig cfg = core::pipeline_config();
-  const auto chunks = core::plan_chunks(c, cfg.max_chunks, cfg.min_chunk_rows);
-  std::vector<comm::Work> works;
-  std::vector<at::Tensor> in_flight;  // send buffers must outlive their collective
-  works.reserve(chunks.size());
-  in_flight.reserve(chunks.size());
-  for (const core::RowRange& chunk : chunks) {
-    const int64_t len = chunk.size();
-    at::Tensor send = at::empty({tp * len, N}, out_options);
-    for (int64_t d = 0; d < tp; ++d) {
-      const int64_t rows = core::valid_rows_in_block(n, tp, d, chunk.begin, chunk.end);
-      if (rows > 0) {
-        at::Tensor dst = send.narrow(0, d * len, rows);
-        gemm(d * c + chunk.begin, rows, dst);
-      }
-      if (rows < len) send.narrow(0, d * len + rows, len - rows).zero_();
-    }
-    at::Tensor recv = out.narrow(0, chunk.begin, len);
-    works.push_back(comm::reduce_scatter(recv, send, group));
-    in_flight.push_back(std::move(send));
+  // The GEMM writes each step's partial straight into the transport's buffer
+  // (c10d: `out` itself, summed in place; shm: this rank's slot).
+  const std::vector<RowRange> steps =
+      plan_steps(group, core::Strategy::kSequential, n, N * out.element_size(), call.op);
+  auto window = make_window<std::unique_ptr<comm::ReduceStep>>(
+      group.transport().max_in_flight(), [](std::unique_ptr<comm::ReduceStep>& s) { s->wait(); });
+  int piece = 0;
+  for (const RowRange& rows : steps) {
+    auto step = group.transport().all_reduce_step(out.narrow(0, rows.begin, rows.size()), call,
+                                                  piece++);
+    at::Tensor send = step->send_buffer();
+    linear.gemm(rows.begin, rows.size(), send);
+    step->start();
+    window.push(std::move(step));
   }
-  for (const auto& w : works) comm::wait(w, op, group);
+  window.drain();
   return out;
 }
 
-at::Tensor gemm_all_reduce(const char* op, const comm::Group& group, const RowLinear& linear) {
-  at::Tensor out = at::empty({linear.n, linear.out_features}, linear.out_options);
-  if (linear.n == 0) return out;  // rank-invariant: every rank skips the collective
-  linear.gemm(0, linear.n, out);
-  if (group->getSize() > 1) comm::wait(comm::all_reduce(out, group), op, group);
-  return out;
-}
-
-at::Tensor all_gather_gemm(const char* op, const comm::Group& group, core::Strategy strategy,
-                           int64_t n, const ColumnLinear& linear) {
-  const int64_t tp = group->getSize();
+at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, int64_t n,
+                           const ColumnLinear& linear, const comm::CallInfo& call) {
+  const int64_t tp = group.size();
   const GatheredGemm& gemm = linear.gemm;
   at::Tensor out = at::empty({n, linear.out_features}, linear.out_options);
   if (n == 0) return out;  // rank-invariant: every rank skips the collective
-  if (tp == 1) {
+  if (!group.collective()) {
     gemm(materialize_payload(linear), out);
     return out;
   }
   const int64_t c = core::shard_rows(n, tp);
-  at::Tensor shard = materialize_payload(linear);
-  std::vector<int64_t> gathered_sizes = shard.sizes().vec();
+  TORCH_INTERNAL_ASSERT(linear.rows == c, "all_gather_gemm: payload has ", linear.rows,
+                        " rows, expected ", c);
+  const at::TensorOptions payload_options = linear.out_options.dtype(linear.payload_dtype);
+  const int64_t row_bytes = linear.payload_cols * c10::elementSize(linear.payload_dtype);
+  const std::vector<RowRange> steps = plan_steps(group, strategy, c, row_bytes, call.op);
 
-  if (strategy == core::Strategy::kSequential) {
-    gathered_sizes[0] = tp * c;
-    at::Tensor gathered = at::empty(gathered_sizes, shard.options());
-    comm::wait(comm::all_gather(gathered, shard, group), op, group);
-    gemm(gathered.narrow(0, 0, n), out);
-    return out;
-  }
-
-  const core::PipelineConfig cfg = core::pipeline_config();
-  const auto chunks = core::plan_chunks(c, cfg.max_chunks, cfg.min_chunk_rows);
-  std::vector<comm::Work> works;
-  std::vector<at::Tensor> sends, recvs;
-  for (const core::RowRange& chunk : chunks) {
-    at::Tensor send = shard.narrow(0, chunk.begin, chunk.size());
-    gathered_sizes[0] = tp * chunk.size();
-    at::Tensor recv = at::empty(gathered_sizes, shard.options());
-    works.push_back(comm::all_gather(recv, send, group));
-    sends.push_back(std::move(send));
-    recvs.push_back(std::move(recv));
-  }
-  // recv of chunk i holds block rows [lo, hi) of rank block d at rows
-  // [d*len, d*len + len); their real rows go to global rows d*c + lo + ...
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    comm::wait(works[i], op, group);
-    const int64_t len = chunks[i].size();
-    for (int64_t d = 0; d < tp; ++d) {
-      const int64_t rows = core::valid_rows_in_block(n, tp, d, chunks[i].begin, chunks[i].end);
-      if (rows == 0) continue;
-      at::Tensor dst = out.narrow(0, d * c + chunks[i].begin, rows);
-      gemm(recvs[i].narrow(0, d * len, rows), dst);
+  // Block rows [lo, hi) of rank block d go to global rows d*c + lo + ...; only the
+  // real (non-padding) ones are computed.
+  using Pending = std::pair<std::unique_ptr<comm::GatherStep>, RowRange>;
+  auto window = make_window<Pending>(group.transport().max_in_flight(), [&](Pending& p) {
+    comm::GatherStep& step = *p.first;
+    const RowRange r = p.second;
+    at::Tensor all = r.size() == c ? step.gathered() : at::Tensor();
+    if (all.defined()) {
+      gemm(all.narrow(0, 0, n), out);  // whole blocks, contiguous: global row order
+    } else {
+      for (int64_t d = 0; d < tp; ++d) {
+        const int64_t rows = core::valid_rows_in_block(n, tp, d, r.begin, r.end);
+        if (rows == 0) continue;
+        at::Tensor dst = out.narrow(0, d * c + r.begin, rows);
+        gemm(step.block(d).narrow(0, 0, rows), dst);
+      }
     }
+    step.finish();
+  });
+  int piece = 0;
+  for (const RowRange& r : steps) {
+    auto step = group.transport().all_gather_step(r.size(), linear.payload_cols, payload_options,
+                                                  call, piece++);
+    at::Tensor rows =
+        linear.payload.defined() ? linear.payload.narrow(0, r.begin, r.size()) : at::Tensor();
+    if (rows.defined() && rows.is_contiguous()) {
+      step->start(&rows);
+    } else {
+      at::Tensor buf = step->send_buffer();
+      linear.write_payload(r.begin, r.size(), buf);
+      step->start();
+    }
+    window.push(Pending(std::move(step), r));
   }
+  window.drain();
   return out;
 }
 
-at::Tensor gather_output_features(const char* op, const comm::Group& group,
-                                  const at::Tensor& local) {
-  const int64_t tp = group->getSize();
-  if (tp == 1) return local;
+at::Tensor gather_output_features(const comm::Group& group, const at::Tensor& local,
+                                  const comm::CallInfo& call) {
+  const int64_t tp = group.size();
+  if (!group.collective()) return local;
   const int64_t n = local.size(0);
   const int64_t N_r = local.size(1);
   if (n == 0) return at::empty({0, N_r * tp}, local.options());
   at::Tensor shard = local.contiguous();
   at::Tensor gathered = at::empty({tp * n, N_r}, local.options());
-  comm::wait(comm::all_gather(gathered, shard, group), op, group);
+  group.transport().all_gather(gathered, shard, call);
   return gathered.view({tp, n, N_r}).permute({1, 0, 2}).reshape({n, tp * N_r});
+}
+
+at::Tensor gather_rows(const comm::Group& group, const at::Tensor& block, int64_t n,
+                       const comm::CallInfo& call) {
+  const int64_t tp = group.size();
+  // n is rank-invariant: every rank skips the collective or none does.
+  if (!group.collective() || n == 0) return block.narrow(0, 0, std::min(n, block.size(0)));
+  std::vector<int64_t> sizes = block.sizes().vec();
+  sizes[0] *= tp;
+  at::Tensor gathered = at::empty(sizes, block.options());
+  group.transport().all_gather(gathered, block.contiguous(), call);
+  return gathered.narrow(0, 0, n);
 }
 
 }  // namespace flashcomm::ops

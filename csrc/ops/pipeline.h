@@ -1,6 +1,13 @@
-// The two kernel strategies shared by the FP and W8A8 ops. An op supplies a
-// row-GEMM callback; these engines own the layout, the padding and the
-// collectives, so sequential and pipelined produce the same layout.
+// The engines shared by the FP and W8A8 ops: a row- or column-parallel linear
+// (ops/linear.h) driven through the group's transport (comm/transport.h). The
+// engines own the layout, the padding, the chunking and the collectives, so both
+// strategies and both transports produce the same layout.
+//
+// Chunking. A rank block of c rows is cut into chunks (the strategy: one chunk
+// when sequential, core::plan_chunks when pipelined), and each chunk into steps
+// that fit the transport's step capacity. Every quantity comes from rank-invariant
+// values (n, tp, shapes, the agreed pipeline config and shared-memory budget), so
+// every rank issues the same steps in the same order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,32 +19,35 @@
 
 namespace flashcomm::ops {
 
-// The strategy of one call (threshold < 0 resolved through the tuning table
-// for the op shape), recorded in the per-op counters. Rank-invariant inputs only.
-core::Strategy decide_strategy(core::OpId op, int64_t n_global, int64_t K, int64_t N, int64_t tp,
-                               c10::ScalarType dtype, int64_t threshold, bool enabled);
+// The strategy of one call (threshold < 0 resolved through the tuning table for
+// the op shape), recorded in the per-op counters. Rank-invariant inputs only.
+core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t n_global,
+                               int64_t K, int64_t N, c10::ScalarType dtype, int64_t threshold,
+                               bool enabled);
 
-// Row-parallel GEMM + reduce-scatter over n global rows. Returns this rank's
-// [c, N] block of the summed product (rows >= n zero); tp == 1: [n, N].
-// Sequential: one GEMM into a [tp*c, N] buffer, one reduce-scatter.
-// Pipelined: per chunk of block rows, one GEMM per rank block into the chunk's
-// send buffer, then an async reduce-scatter that overlaps the next chunk's GEMM.
-// `out`, when defined, receives the block ([c, N], contiguous) instead of a new tensor.
-at::Tensor gemm_reduce_scatter(const char* op, const comm::Group& group, core::Strategy strategy,
-                               const RowLinear& linear, at::Tensor out = at::Tensor());
+// Row-parallel GEMM + reduce-scatter over n global rows into `out` ([c, N],
+// contiguous: this rank's block of the summed product, rows >= n zero; a group
+// that does not communicate: [n, N]). Each step's partial product is written by
+// the GEMM straight into the transport's send buffer (shm: this rank's slot).
+void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
+                         const RowLinear& linear, at::Tensor out, const comm::CallInfo& call);
 
-// Row-parallel GEMM + all-reduce: [n, N], all rows valid on every rank.
-at::Tensor gemm_all_reduce(const char* op, const comm::Group& group, const RowLinear& linear);
+// Row-parallel GEMM + all-reduce: [n, N], every row valid on every rank.
+at::Tensor gemm_all_reduce(const comm::Group& group, const RowLinear& linear,
+                           const comm::CallInfo& call);
 
-// All-gather of this rank's [c, P] payload shard (linear.payload) + GEMM. Returns [n, N] with
-// the padding rows dropped. Sequential: one all-gather, one GEMM. Pipelined:
-// every chunk's all-gather is issued up front; chunk i's GEMM runs while the
-// later chunks are still in flight.
-at::Tensor all_gather_gemm(const char* op, const comm::Group& group, core::Strategy strategy,
-                           int64_t n, const ColumnLinear& linear);
+// All-gather of this rank's [c, P] payload block (linear.rows == c) + GEMM.
+// Returns [n, N] with the padding rows dropped; the GEMM reads every rank's rows
+// where the transport delivers them (shm: straight from the peers' slots).
+at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, int64_t n,
+                           const ColumnLinear& linear, const comm::CallInfo& call);
 
 // [n, N_r] on every rank -> [n, N_r * tp], output features in rank order.
-at::Tensor gather_output_features(const char* op, const comm::Group& group,
-                                  const at::Tensor& local);
+at::Tensor gather_output_features(const comm::Group& group, const at::Tensor& local,
+                                  const comm::CallInfo& call);
+
+// [c, H] block of every rank -> [n, H] (rows in rank order, padding dropped).
+at::Tensor gather_rows(const comm::Group& group, const at::Tensor& block, int64_t n,
+                       const comm::CallInfo& call);
 
 }  // namespace flashcomm::ops

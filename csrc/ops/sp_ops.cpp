@@ -1,5 +1,5 @@
-// Layout-invariant sequence-parallel ops (DESIGN.md section 3). Hidden states
-// keep the full shape [n, H] on every rank; the mode decides which rows are
+// Layout-invariant sequence-parallel ops (docs/DESIGN.md, "Two layouts"). Hidden
+// states keep the full shape [n, H] on every rank; the mode decides which rows are
 // valid:
 //   replicated (n <= sp_threshold, or tp == 1, or disabled): every row, on every
 //     rank -- exactly plain TP (GEMM + all-reduce);
@@ -17,7 +17,6 @@
 #include "core/policy.h"
 #include "core/shard.h"
 #include "core/stats.h"
-#include "ops/agreement.h"
 #include "ops/checks.h"
 #include "ops/linear.h"
 #include "ops/norm.h"
@@ -32,15 +31,23 @@ using core::RowRange;
 
 namespace {
 
-Mode decide_mode(OpId op, const comm::Group& group, const at::Device& device, int64_t n,
-                 int64_t sp_threshold, bool enabled, int64_t threshold) {
-  ops::ensure_agreement(
-      core::op_name(op), group, device,
+// The group of one call, ready (agreed, transport chosen), and the call's mode.
+struct ModeCall {
+  comm::Group group;
+  Mode mode;
+  comm::CallInfo info;
+};
+
+ModeCall decide_mode(OpId op, const GroupPtr& pg, const at::Device& device, int64_t n,
+                     int64_t sp_threshold, bool enabled, int64_t threshold) {
+  const char* name = core::op_name(op);
+  comm::Group g = comm::resolve(pg, name);
+  comm::ensure_ready(
+      g, name, device,
       {{"sp_threshold", sp_threshold}, {"enabled", enabled}, {"threshold", threshold}});
-  const int64_t tp = group->getSize();
-  const Mode m = core::choose_mode(n, tp, sp_threshold, enabled);
+  const Mode m = core::choose_mode(n, g.size(), sp_threshold, enabled, g.collective());
   core::Stats::instance().record(op, m);
-  return m;
+  return {std::move(g), m, {name, n, static_cast<int8_t>(m), -1}};
 }
 
 // Debug switch: don't-care rows become NaN, so a consumer that reads them
@@ -58,13 +65,13 @@ void poison_outside(at::Tensor& t, RowRange valid) {
 }
 
 RowRange owned(const comm::Group& group, int64_t n) {
-  return core::owned_rows(n, group->getSize(), group->getRank());
+  return core::owned_rows(n, group.size(), group.rank());
 }
 
 // This rank's block of rows of t [n, ...] as a [c, ...] tensor: a view when the
 // block lies inside t, else a copy with zero padding rows.
 at::Tensor owned_block(const at::Tensor& t, const comm::Group& group) {
-  const int64_t n = t.size(0), tp = group->getSize(), r = group->getRank();
+  const int64_t n = t.size(0), tp = group.size(), r = group.rank();
   const int64_t c = core::shard_rows(n, tp);
   if (r * c + c <= n) return t.narrow(0, r * c, c);
   std::vector<int64_t> sizes = t.sizes().vec();
@@ -76,21 +83,26 @@ at::Tensor owned_block(const at::Tensor& t, const comm::Group& group) {
 }
 
 // Row-parallel output [n, N]: all-reduce (replicated) or reduce-scatter into the
-// owned rows (sharded; the compact kernel picks its own strategy).
-at::Tensor row_parallel(const char* op, OpId compact_op, const comm::Group& group, Mode mode,
-                        const ops::RowLinear& linear, int64_t K, c10::ScalarType key_dtype,
-                        int64_t threshold) {
-  if (mode == Mode::kReplicated) return ops::gemm_all_reduce(op, group, linear);
-  const int64_t n = linear.n, N = linear.out_features, tp = group->getSize();
+// owned rows (sharded). `compact_op` >= 0: the sharded path counts and picks a
+// kernel strategy as that compact op (threshold); else it runs sequential.
+at::Tensor row_parallel(const ModeCall& mc, int compact_op, const ops::RowLinear& linear, int64_t K,
+                        c10::ScalarType key_dtype, int64_t threshold) {
+  const comm::Group& g = mc.group;
+  if (mc.mode == Mode::kReplicated) return ops::gemm_all_reduce(g, linear, mc.info);
+  const int64_t n = linear.n, N = linear.out_features, tp = g.size();
   const int64_t c = core::shard_rows(n, tp);
   const core::Strategy s =
-      ops::decide_strategy(compact_op, n, K, N, tp, key_dtype, threshold, /*enabled=*/true);
+      compact_op >= 0 ? ops::decide_strategy(static_cast<OpId>(compact_op), g, n, K, N, key_dtype,
+                                             threshold, /*enabled=*/true)
+                      : core::Strategy::kSequential;
+  comm::CallInfo info = mc.info;
+  info.strategy = static_cast<int8_t>(s);
   // Rank r's block lands at rows [r*c, r*c + c) of a [tp*c, N] buffer whose first
   // n rows are the output: no copy, padding rows fall outside the returned view.
   at::Tensor full = at::empty({tp * c, N}, linear.out_options);
-  ops::gemm_reduce_scatter(op, group, s, linear, full.narrow(0, group->getRank() * c, c));
+  ops::gemm_reduce_scatter(g, s, linear, full.narrow(0, g.rank() * c, c), info);
   at::Tensor out = full.narrow(0, 0, n);
-  poison_outside(out, owned(group, n));
+  poison_outside(out, owned(g, n));
   return out;
 }
 
@@ -98,19 +110,22 @@ at::Tensor row_parallel(const char* op, OpId compact_op, const comm::Group& grou
 // `linear_of(sharded)` builds the GEMM of x's rows: all of them, or this rank's
 // padded block when sharded.
 template <typename MakeLinear>
-at::Tensor column_parallel(const char* op, OpId compact_op, const comm::Group& group, Mode mode,
-                           const at::Tensor& x, int64_t N_r, c10::ScalarType key_dtype,
-                           int64_t threshold, bool gather_output, const MakeLinear& linear_of) {
-  const int64_t n = x.size(0), tp = group->getSize();
+at::Tensor column_parallel(const ModeCall& mc, OpId compact_op, const at::Tensor& x, int64_t N_r,
+                           c10::ScalarType key_dtype, int64_t threshold, bool gather_output,
+                           const MakeLinear& linear_of) {
+  const comm::Group& g = mc.group;
+  const int64_t n = x.size(0);
   at::Tensor local;
-  if (mode == Mode::kReplicated) {
+  comm::CallInfo info = mc.info;
+  if (mc.mode == Mode::kReplicated) {
     local = ops::run_local(linear_of(/*sharded=*/false));
   } else {
-    const core::Strategy s = ops::decide_strategy(compact_op, n, x.size(1), N_r, tp, key_dtype,
+    const core::Strategy s = ops::decide_strategy(compact_op, g, n, x.size(1), N_r, key_dtype,
                                                   threshold, /*enabled=*/true);
-    local = ops::all_gather_gemm(op, group, s, n, linear_of(/*sharded=*/true));
+    info.strategy = static_cast<int8_t>(s);
+    local = ops::all_gather_gemm(g, s, n, linear_of(/*sharded=*/true), info);
   }
-  return gather_output ? ops::gather_output_features(op, group, local) : local;
+  return gather_output ? ops::gather_output_features(g, local, info) : local;
 }
 
 }  // namespace
@@ -118,12 +133,11 @@ at::Tensor column_parallel(const char* op, OpId compact_op, const comm::Group& g
 at::Tensor sp_row_linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const GroupPtr& group,
                          int64_t sp_threshold, bool enabled, int64_t threshold) {
-  constexpr const char* kOp = "sp_row_linear";
-  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K_r]", "[N, K_r]");
-  const Mode m = decide_mode(OpId::kSpRowLinear, group, x.device(), x.size(0), sp_threshold,
-                             enabled, threshold);
-  return row_parallel(kOp, OpId::kGemmRs, group, m,
-                      ops::fp_row_linear(x, weight, bias, group->getRank() == 0), x.size(1),
+  ops::check_linear("sp_row_linear", x, weight, bias, /*w8a8=*/false, "[n, K_r]", "[N, K_r]");
+  const ModeCall mc = decide_mode(OpId::kSpRowLinear, group, x.device(), x.size(0), sp_threshold,
+                                  enabled, threshold);
+  return row_parallel(mc, static_cast<int>(OpId::kGemmRs),
+                      ops::fp_row_linear(x, weight, bias, mc.group.rank() == 0), x.size(1),
                       x.scalar_type(), threshold);
 }
 
@@ -137,11 +151,11 @@ at::Tensor sp_row_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "sp_row_linear_w8a8";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K_r]", "[N, K_r]");
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
-  const Mode m = decide_mode(OpId::kSpRowLinearW8A8, group, x.device(), x.size(0), sp_threshold,
-                             enabled, threshold);
-  return row_parallel(kOp, OpId::kGemmRsW8A8, group, m,
+  const ModeCall mc = decide_mode(OpId::kSpRowLinearW8A8, group, x.device(), x.size(0),
+                                  sp_threshold, enabled, threshold);
+  return row_parallel(mc, static_cast<int>(OpId::kGemmRsW8A8),
                       ops::w8a8_row_linear(x, weight, weight_scale, input_scale, input_zero_point,
-                                           bias, group->getRank() == 0, out_dtype),
+                                           bias, mc.group.rank() == 0, out_dtype),
                       x.size(1), at::kChar, threshold);
 }
 
@@ -149,13 +163,12 @@ at::Tensor sp_column_linear(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const GroupPtr& group,
                             int64_t sp_threshold, bool enabled, int64_t threshold,
                             bool gather_output) {
-  constexpr const char* kOp = "sp_column_linear";
-  ops::check_linear(kOp, x, weight, bias, /*w8a8=*/false, "[n, K]", "[N_r, K]");
-  const Mode m = decide_mode(OpId::kSpColumnLinear, group, x.device(), x.size(0), sp_threshold,
-                             enabled, threshold);
-  return column_parallel(kOp, OpId::kAgGemm, group, m, x, weight.size(0), x.scalar_type(),
-                         threshold, gather_output, [&](bool sharded) {
-                           const at::Tensor rows = sharded ? owned_block(x, group) : x;
+  ops::check_linear("sp_column_linear", x, weight, bias, /*w8a8=*/false, "[n, K]", "[N_r, K]");
+  const ModeCall mc = decide_mode(OpId::kSpColumnLinear, group, x.device(), x.size(0),
+                                  sp_threshold, enabled, threshold);
+  return column_parallel(mc, OpId::kAgGemm, x, weight.size(0), x.scalar_type(), threshold,
+                         gather_output, [&](bool sharded) {
+                           const at::Tensor rows = sharded ? owned_block(x, mc.group) : x;
                            return ops::fp_column_linear(rows, weight, bias);
                          });
 }
@@ -170,9 +183,9 @@ at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* kOp = "sp_column_linear_w8a8";
   ops::check_linear(kOp, x, weight, bias, /*w8a8=*/true, "[n, K]", "[N_r, K]");
   ops::check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
-  const Mode m = decide_mode(OpId::kSpColumnLinearW8A8, group, x.device(), x.size(0), sp_threshold,
-                             enabled, threshold);
-  return column_parallel(kOp, OpId::kAgGemmW8A8, group, m, x, weight.size(0), at::kChar, threshold,
+  const ModeCall mc = decide_mode(OpId::kSpColumnLinearW8A8, group, x.device(), x.size(0),
+                                  sp_threshold, enabled, threshold);
+  return column_parallel(mc, OpId::kAgGemmW8A8, x, weight.size(0), at::kChar, threshold,
                          gather_output, [&](bool sharded) {
                            if (!sharded) {
                              return ops::w8a8_column_linear(x, weight, weight_scale, input_scale,
@@ -181,8 +194,8 @@ at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
                            // Per-token scales of an int8 x travel with their rows.
                            std::optional<at::Tensor> scale = input_scale;
                            if (scale.has_value() && scale->dim() == 2)
-                             scale = owned_block(*scale, group);
-                           return ops::w8a8_column_linear(owned_block(x, group), weight,
+                             scale = owned_block(*scale, mc.group);
+                           return ops::w8a8_column_linear(owned_block(x, mc.group), weight,
                                                           weight_scale, scale, input_zero_point,
                                                           bias, out_dtype);
                          });
@@ -193,145 +206,116 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
                                                    const at::Tensor& weight, double eps,
                                                    const GroupPtr& group, int64_t sp_threshold,
                                                    bool enabled, bool gather) {
-  constexpr const char* kOp = "sp_add_rms_norm";
-  ops::check_norm(kOp, x, residual, weight);
-  const int64_t n = x.size(0), H = x.size(1), tp = group->getSize();
-  const Mode m = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), n, sp_threshold, enabled,
-                             /*threshold=*/-1);
-  const RowRange rows = m == Mode::kReplicated ? RowRange{0, n} : owned(group, n);
+  ops::check_norm("sp_add_rms_norm", x, residual, weight);
+  const int64_t n = x.size(0), H = x.size(1);
+  const ModeCall mc = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), n, sp_threshold,
+                                  enabled, /*threshold=*/-1);
+  const comm::Group& g = mc.group;
+  const RowRange rows = mc.mode == Mode::kReplicated ? RowRange{0, n} : owned(g, n);
   auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
   const std::optional<at::Tensor> residual_rows =
       residual.has_value() ? std::optional<at::Tensor>(slice(*residual)) : std::nullopt;
 
   at::Tensor residual_out = at::empty({n, H}, x.options());
   poison_outside(residual_out, rows);
-  if (m == Mode::kSharded && gather) {
-    // The final norm: normalise the owned rows into this rank's padded block,
-    // then all-gather so every row is valid everywhere.
-    const int64_t c = core::shard_rows(n, tp);
-    at::Tensor block = at::zeros({c, H}, x.options());
+  if (mc.mode == Mode::kSharded && gather) {
+    // The final norm (and every boundary norm in front of an engine's own
+    // column GEMM): normalise the owned rows into this rank's padded block, then
+    // all-gather so every row is valid everywhere.
+    const int64_t c = core::shard_rows(n, g.size());
+    at::Tensor block = at::empty({c, H}, x.options());
     if (rows.size() > 0) {
       ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, block.narrow(0, 0, rows.size()),
-                        slice(residual_out));
+                             slice(residual_out));
     }
-    at::Tensor gathered = at::empty({tp * c, H}, x.options());
-    comm::wait(comm::all_gather(gathered, block, group), kOp, group);
-    return {gathered.narrow(0, 0, n), residual_out};
+    if (rows.size() < c) block.narrow(0, rows.size(), c - rows.size()).zero_();
+    return {ops::gather_rows(g, block, n, mc.info), residual_out};
   }
   at::Tensor normed = at::empty({n, H}, x.options());
   if (rows.size() > 0) {
-    ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed), slice(residual_out));
+    ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed),
+                           slice(residual_out));
   }
   poison_outside(normed, rows);
   return {normed, residual_out};
 }
 
+at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold,
+                     bool enabled) {
+  ops::check_partial("sp_reduce", partial);
+  const ModeCall mc = decide_mode(OpId::kSpReduce, group, partial.device(), partial.size(0),
+                                  sp_threshold, enabled, /*threshold=*/-1);
+  // The partial rows travel as they are: the engines' "GEMM" is a copy into the
+  // transport's buffer (shm: this rank's slot; c10d: the output, reduced in place).
+  ops::RowLinear copy;
+  copy.n = partial.size(0);
+  copy.out_features = partial.size(1);
+  copy.out_options = partial.options();
+  copy.gemm = [&partial](int64_t row_begin, int64_t rows, at::Tensor& out) {
+    out.copy_(partial.narrow(0, row_begin, rows));
+  };
+  return row_parallel(mc, /*compact_op=*/-1, copy, partial.size(1), partial.scalar_type(),
+                      /*threshold=*/-1);
+}
+
 namespace ops {
 
-at::Tensor sp_row_linear_op(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const std::string& group_name,
-                            int64_t sp_threshold, bool enabled, int64_t threshold) {
-  return flashcomm::sp_row_linear(x, weight, bias, comm::resolve_group(group_name, "sp_row_linear"),
-                                  sp_threshold, enabled, threshold);
-}
-
 at::Tensor sp_row_linear_meta(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const std::string& group_name,
-                              int64_t, bool, int64_t) {
-  comm::resolve_group(group_name, "sp_row_linear");
+                              const std::optional<at::Tensor>& bias, const GroupPtr&, int64_t,
+                              bool, int64_t) {
   check_linear("sp_row_linear", x, weight, bias, false, "[n, K_r]", "[N, K_r]");
   return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
-}
-
-at::Tensor sp_row_linear_w8a8_op(const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& weight_scale,
-                                 const std::optional<at::Tensor>& input_scale,
-                                 const std::optional<at::Tensor>& input_zero_point,
-                                 const std::optional<at::Tensor>& bias,
-                                 const std::string& group_name, c10::ScalarType out_dtype,
-                                 int64_t sp_threshold, bool enabled, int64_t threshold) {
-  return flashcomm::sp_row_linear_w8a8(x, weight, weight_scale, input_scale, input_zero_point, bias,
-                                       comm::resolve_group(group_name, "sp_row_linear_w8a8"),
-                                       out_dtype, sp_threshold, enabled, threshold);
 }
 
 at::Tensor sp_row_linear_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& weight_scale,
                                    const std::optional<at::Tensor>& input_scale,
                                    const std::optional<at::Tensor>& input_zero_point,
-                                   const std::optional<at::Tensor>& bias,
-                                   const std::string& group_name, c10::ScalarType out_dtype,
-                                   int64_t, bool, int64_t) {
+                                   const std::optional<at::Tensor>& bias, const GroupPtr&,
+                                   c10::ScalarType out_dtype, int64_t, bool, int64_t) {
   constexpr const char* kOp = "sp_row_linear_w8a8";
-  comm::resolve_group(group_name, kOp);
   check_linear(kOp, x, weight, bias, true, "[n, K_r]", "[N, K_r]");
   check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
   return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options().dtype(out_dtype));
 }
 
-at::Tensor sp_column_linear_op(const at::Tensor& x, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, const std::string& group_name,
-                               int64_t sp_threshold, bool enabled, int64_t threshold,
-                               bool gather_output) {
-  return flashcomm::sp_column_linear(x, weight, bias,
-                                     comm::resolve_group(group_name, "sp_column_linear"),
-                                     sp_threshold, enabled, threshold, gather_output);
-}
-
 at::Tensor sp_column_linear_meta(const at::Tensor& x, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias,
-                                 const std::string& group_name, int64_t, bool, int64_t,
-                                 bool gather_output) {
-  const int64_t tp = comm::resolve_group(group_name, "sp_column_linear")->getSize();
+                                 const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                                 int64_t, bool, int64_t, bool gather_output) {
   check_linear("sp_column_linear", x, weight, bias, false, "[n, K]", "[N_r, K]");
+  const int64_t tp = group->getSize();
   return at::empty_symint(
       {x.sym_size(0), gather_output ? weight.sym_size(0) * tp : weight.sym_size(0)}, x.options());
-}
-
-at::Tensor sp_column_linear_w8a8_op(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-    const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& input_zero_point,
-    const std::optional<at::Tensor>& bias, const std::string& group_name, c10::ScalarType out_dtype,
-    int64_t sp_threshold, bool enabled, int64_t threshold, bool gather_output) {
-  return flashcomm::sp_column_linear_w8a8(
-      x, weight, weight_scale, input_scale, input_zero_point, bias,
-      comm::resolve_group(group_name, "sp_column_linear_w8a8"), out_dtype, sp_threshold, enabled,
-      threshold, gather_output);
 }
 
 at::Tensor sp_column_linear_w8a8_meta(const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& weight_scale,
                                       const std::optional<at::Tensor>& input_scale,
                                       const std::optional<at::Tensor>& input_zero_point,
-                                      const std::optional<at::Tensor>& bias,
-                                      const std::string& group_name, c10::ScalarType out_dtype,
-                                      int64_t, bool, int64_t, bool gather_output) {
+                                      const std::optional<at::Tensor>& bias, const GroupPtr& group,
+                                      c10::ScalarType out_dtype, int64_t, bool, int64_t,
+                                      bool gather_output) {
   constexpr const char* kOp = "sp_column_linear_w8a8";
-  const int64_t tp = comm::resolve_group(group_name, kOp)->getSize();
   check_linear(kOp, x, weight, bias, true, "[n, K]", "[N_r, K]");
   check_w8a8_scales(kOp, x, weight, weight_scale, input_scale, input_zero_point, out_dtype);
+  const int64_t tp = group->getSize();
   return at::empty_symint(
       {x.sym_size(0), gather_output ? weight.sym_size(0) * tp : weight.sym_size(0)},
       x.options().dtype(out_dtype));
 }
 
-std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_op(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-    double eps, const std::string& group_name, int64_t sp_threshold, bool enabled, bool gather) {
-  return flashcomm::sp_add_rms_norm(x, residual, weight, eps,
-                                    comm::resolve_group(group_name, "sp_add_rms_norm"),
-                                    sp_threshold, enabled, gather);
-}
-
 std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
                                                         const std::optional<at::Tensor>& residual,
                                                         const at::Tensor& weight, double,
-                                                        const std::string& group_name, int64_t,
-                                                        bool, bool) {
-  comm::resolve_group(group_name, "sp_add_rms_norm");
+                                                        const GroupPtr&, int64_t, bool, bool) {
   check_norm("sp_add_rms_norm", x, residual, weight);
   return {at::empty_symint(x.sym_sizes(), x.options()),
           at::empty_symint(x.sym_sizes(), x.options())};
+}
+
+at::Tensor sp_reduce_meta(const at::Tensor& partial, const GroupPtr&, int64_t, bool) {
+  check_partial("sp_reduce", partial);
+  return at::empty_symint(partial.sym_sizes(), partial.options());
 }
 
 }  // namespace ops

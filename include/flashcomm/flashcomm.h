@@ -132,6 +132,14 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
                                                    int64_t sp_threshold = kDefaultSpThreshold,
                                                    bool enabled = true, bool gather = false);
 
+// Row-parallel communication after an engine's own GEMM (the split form of a
+// row-parallel layer: the engine computes the partial product with its packed
+// kernel, flashcomm finishes the layer). partial [n, N] (this rank's partial sum,
+// every row) -> [n, N]: replicated mode all-reduces (every row valid); sharded
+// mode reduce-scatters into the owned rows (the rest don't-care).
+at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group,
+                     int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
+
 // ("<op>.<path>", calls) for every op: compact ops count "sequential" /
 // "pipelined", layout-invariant ops "replicated" / "sharded".
 std::vector<std::pair<std::string, int64_t>> stats();
@@ -148,5 +156,21 @@ void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows);
 void set_all_reduce_provider(const std::string& group_name, const std::string& op,
                              const std::string& provider_group);
 void clear_all_reduce_provider(const std::string& group_name);
+
+// Collective over `group` (call it on every rank): the ranks compare every
+// setting that steers collectives (version, pipeline config, tuning table,
+// all-reduce provider, transport, and `settings`, e.g. the model-wide
+// sp_threshold) and choose the group's transport; a difference raises the same
+// error on every rank. The ops do this by themselves at a group's first use; call
+// it explicitly before CUDA-graph capture, or after changing a setting. `device`:
+// where the check's collective runs (CPU for gloo, the current CUDA device for NCCL).
+void init(const GroupPtr& group, const at::Device& device,
+          const std::vector<std::pair<std::string, int64_t>>& settings = {});
+
+// Transport of `group` before its first use: "auto" (default, or the
+// FLASHCOMM_TRANSPORT variable): host shared memory when every rank is a CPU
+// process on this host and can map its peers' segments, else c10d; "shm": shared
+// memory or an error saying why not; "c10d": the ProcessGroup.
+void set_transport(const GroupPtr& group, const std::string& transport);
 
 }  // namespace flashcomm

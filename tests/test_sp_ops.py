@@ -1,5 +1,5 @@
-"""Layout-invariant ops (sp_row_linear, sp_column_linear, their W8A8 forms and
-sp_add_rms_norm) in replicated and sharded mode, on 1, 2 and 4 ranks, against
+"""Layout-invariant ops (sp_row_linear, sp_column_linear, their W8A8 forms,
+sp_add_rms_norm and sp_reduce) in replicated and sharded mode, on 1, 2 and 4 ranks, against
 dense single-process references. Don't-care rows of the inputs are NaN and
 poisoning is on, so a result that read them, or a wrong row ownership, fails."""
 
@@ -194,6 +194,28 @@ def test_sp_add_rms_norm(ranks, tp, dtype, with_residual, gather):
         _check_norm_results(results, want_normed, want_residual, n, tp, mode, dtype, gather)
 
 
+def _reduce_on_rank(partials, sp_threshold):
+    rank, _ = rank_and_size()
+    return _run("sp_reduce", flashcomm.sp_reduce, partials[rank], None, sp_threshold)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp", TPS)
+def test_sp_reduce(ranks, tp, dtype):
+    # An engine's own GEMM produced each rank's partial [n, N]; sp_reduce sums them:
+    # every row valid (replicated) or the owned rows (sharded, the rest poisoned).
+    pool = ranks(tp)
+    for n, sp_threshold in cases(tp):
+        g = torch.Generator().manual_seed(n + 3)
+        partials = [torch.randn(n, N, generator=g).to(dtype) for _ in range(tp)]
+        want = torch.stack([p.double() for p in partials]).sum(0)
+        mode = _expected_mode(n, tp, sp_threshold)
+        for rank, (out, counts) in enumerate(pool.run(_reduce_on_rank, partials, sp_threshold)):
+            assert out.shape == (n, N) and out.dtype == dtype
+            _check_mode(counts, mode)
+            _check_rows(out, want, _valid_for(mode, n, tp, rank), dtype)
+
+
 VALUE_FREE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
@@ -222,6 +244,7 @@ def _opcheck_on_rank():
                  (x, r, nw, EPS, name, sp_threshold, True, True)),
                 (torch.ops.flashcomm.sp_add_rms_norm.default,
                  (x, None, nw, EPS, name, sp_threshold, True, False)),
+                (torch.ops.flashcomm.sp_reduce.default, (x, name, sp_threshold, True)),
             ]
             sharded = flashcomm.sp_mode(n, tp, sp_threshold) == "sharded"
             for op, args in samples:

@@ -22,6 +22,7 @@ from .ops import (
     set_all_reduce_provider,
     set_pipeline_config,
     stats,
+    transport,
 )
 from .sp import (
     DEFAULT_SP_THRESHOLD,
@@ -30,6 +31,7 @@ from .sp import (
     sp_column_linear,
     sp_column_linear_w8a8,
     sp_mode,
+    sp_reduce,
     sp_row_linear,
     sp_row_linear_w8a8,
 )
@@ -57,5 +59,7 @@ __all__ = [
     "sp_mode",
     "sp_row_linear",
     "sp_row_linear_w8a8",
+    "sp_reduce",
     "stats",
+    "transport",
 ]

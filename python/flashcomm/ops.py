@@ -212,29 +212,64 @@ def all_reduce_provider(group: Group) -> str:
     return str(torch.ops.flashcomm.all_reduce_provider(group_name(group)))
 
 
+def transport(group: Group = None) -> str:
+    """Transport ``group`` uses: ``"shm"`` (host shared memory) or ``"c10d"`` (its
+    ProcessGroup); ``""`` before the group's first flashcomm op or :func:`init`."""
+    return str(torch.ops.flashcomm.transport(group_name(group)))
+
+
+def _default_device(group: Group) -> torch.device:
+    """Where the agreement collective runs: the device the group's backend serves
+    (NCCL: the current CUDA device; HCCL: the current NPU; else the CPU)."""
+    try:
+        if isinstance(group, str):
+            pg = dist.distributed_c10d._resolve_process_group(group)
+        else:
+            pg = dist.group.WORLD if group is None else group
+        backend = str(dist.get_backend(pg)).lower() if pg is not None else "gloo"
+    except Exception:  # a group this process is not part of, or a name only
+        backend = "gloo"
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if "hccl" in backend and hasattr(torch, "npu"):
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
 def init(group: Group = None, *, sp_threshold: Optional[int] = None,
          threshold: Optional[int] = None, enabled: Optional[bool] = None,
+         transport: Optional[str] = None,
          device: Union[str, torch.device, None] = None, **settings: int) -> None:
     """Verifies that every rank of ``group`` holds the same collective-steering
-    configuration: library version, pipeline chunking, tuning table, and the
-    settings given here (e.g. the model-wide ``sp_threshold``). Call it on every
-    rank (it is a collective). A difference raises the same RuntimeError on every
-    rank, naming each differing setting and every rank's value.
+    configuration -- library version, pipeline chunking, tuning table, all-reduce
+    provider, transport, and the settings given here (e.g. the model-wide
+    ``sp_threshold``) -- and chooses the group's transport. Call it on every rank (it
+    is a collective). A difference raises the same RuntimeError on every rank,
+    naming each differing setting and every rank's value.
 
     The ops also run this check by themselves at a group's first use (with that
-    first call's thresholds); call ``init`` again after changing the pipeline
-    config or the tuning table.
+    first call's thresholds). Call ``init`` explicitly before capturing a CUDA graph
+    (the check synchronises with the host, which capture forbids), and again after
+    changing the pipeline config or the tuning table.
 
     Args:
-        device: where the check's collective runs: ``"cpu"`` for gloo (default),
-            ``"cuda"`` for NCCL.
+        transport: ``"auto"`` (default: ``FLASHCOMM_TRANSPORT``, else host shared
+            memory when every rank is a CPU process on this host, else c10d),
+            ``"shm"`` or ``"c10d"``; only before the group's first use.
+        device: where the check's collective runs; default: the device the group's
+            backend serves (gloo: CPU, NCCL: the current CUDA device, HCCL: NPU).
     """
+    name = group_name(group)
+    if transport is not None:
+        torch.ops.flashcomm.set_transport(name, transport)
     named = dict(settings)
-    for name, value in (("sp_threshold", sp_threshold), ("threshold", threshold),
-                        ("enabled", enabled)):
+    for key, value in (("sp_threshold", sp_threshold), ("threshold", threshold),
+                       ("enabled", enabled)):
         if value is not None:
-            named[name] = value
+            named[key] = value
     names = sorted(named)
-    values = [int(named[name]) for name in names]
-    torch.ops.flashcomm.verify_agreement(group_name(group), names, values,
-                                         torch.device(device or "cpu"))
+    values = [int(named[key]) for key in names]
+    dev = torch.device(device) if device is not None else _default_device(group)
+    torch.ops.flashcomm.verify_agreement(name, names, values, dev)

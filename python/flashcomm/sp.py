@@ -95,3 +95,12 @@ def sp_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: t
     ``gather=True`` (the final norm) makes every row of the normed output valid."""
     return torch.ops.flashcomm.sp_add_rms_norm(x, residual, weight, eps, group_name(group),
                                                sp_threshold, enabled, gather)
+
+
+def sp_reduce(partial: torch.Tensor, group: Group = None,
+              sp_threshold: int = DEFAULT_SP_THRESHOLD, enabled: bool = True) -> torch.Tensor:
+    """Row-parallel communication after an engine's own GEMM. ``partial [n, N]``:
+    this rank's partial product for every row (bias on one rank only). Returns
+    ``[n, N]``: replicated = all-reduce (every row valid); sharded = reduce-scatter
+    into the owned rows (the rest don't-care)."""
+    return torch.ops.flashcomm.sp_reduce(partial, group_name(group), sp_threshold, enabled)

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import flashcomm
 from flashcomm.testing import RankPool
 
+from conftest import TRANSPORTS
+
 
 def _error_of(fn, *args, **kwargs) -> str:
     try:
@@ -50,8 +52,9 @@ def _init_with_rank_sp_threshold(values):
     return _error_of(flashcomm.init, None, sp_threshold=values[dist.get_rank()], enabled=True)
 
 
-def _fresh_pool(timeout_s: float = 60.0) -> RankPool:
-    return RankPool(2, timeout_s=timeout_s, threads_per_rank=1)
+def _fresh_pool(timeout_s: float = 60.0, transport: str = "auto") -> RankPool:
+    return RankPool(2, timeout_s=timeout_s, threads_per_rank=1,
+                    env={"FLASHCOMM_TRANSPORT": transport})
 
 
 def test_different_thresholds_fail_fast_with_the_setting_named():
@@ -117,10 +120,11 @@ def _one_rank_skips(n: int):
     return msg, time.monotonic() - start
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("n", [6, 2001])  # sequential, pipelined
-def test_a_rank_that_never_joins_makes_the_others_fail_within_the_timeout(n):
+def test_a_rank_that_never_joins_makes_the_others_fail_within_the_timeout(n, transport):
     timeout_s = 5.0
-    pool = _fresh_pool(timeout_s=timeout_s)
+    pool = _fresh_pool(timeout_s=timeout_s, transport=transport)
     try:
         (msg, elapsed), (skipped, _) = pool.run(_one_rank_skips, n, timeout_s=120)
     finally:

@@ -64,7 +64,7 @@ Fingerprint from_shm(const shm::Fingerprint& s) {
 }
 
 std::string describe_shm(const shm::Fingerprint& s) {
-  return from_shm(s).describe() + ", step " + std::to_string(s.piece) + " of it";
+  return from_shm(s).describe() + ", piece " + std::to_string(s.piece);
 }
 
 // A tensor over `bytes` of shared memory (no ownership: valid while its step is).
@@ -95,8 +95,8 @@ class ShmTransport final : public Transport {
     try {
       return fn();
     } catch (const shm::ShmError& e) {
-      TORCH_CHECK(false, call.op, ": shared-memory collective on group '", name_, "' (size ",
-                  size(), ", rank ", rank(), ") failed: ", e.what());
+      TORCH_CHECK(false, call.op, ": collective on group '", name_, "' (size ", size(),
+                  ", rank ", rank(), ") failed on the shared-memory transport: ", e.what());
     }
   }
 
@@ -442,6 +442,14 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
   }
   bool ok = true;
   try {
+    // Debug hook (tests of the fallback): this rank behaves as if it could not map
+    // its peers' segments, e.g. ranks in containers that do not share /dev/shm.
+    const char* simulate = std::getenv("FLASHCOMM_DEBUG_SHM_UNMAPPABLE");
+    if (simulate != nullptr && simulate[0] == '1') {
+      throw shm::ShmError(shm::ShmError::Kind::kSetup, -1,
+                          "cannot map the peers' segments (simulated by "
+                          "FLASHCOMM_DEBUG_SHM_UNMAPPABLE=1)");
+    }
     channel->map_peers();
     std::vector<uint64_t> instance(g.size());
     for (int64_t r = 0; r < g.size(); ++r) instance[r] = static_cast<uint64_t>(tokens[2 * r + 1]);

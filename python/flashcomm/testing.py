@@ -157,25 +157,29 @@ class RankPool:
 
 
 class RankPools:
-    """Lazily created :class:`RankPool` s keyed by world size; a broken pool is replaced.
+    """Lazily created :class:`RankPool` s keyed by world size and rank environment; a
+    broken pool is replaced.
 
     ``teardown`` (a module-level function) runs on every healthy pool's ranks before it
     closes, e.g. to release per-process state the pool's functions set up."""
 
     def __init__(self, timeout_s: float = 120.0,
                  teardown: Optional[Callable[[], Any]] = None) -> None:
-        self._pools: dict[int, RankPool] = {}
+        self._pools: dict[tuple, RankPool] = {}
         self._timeout_s = timeout_s
         self._teardown = teardown
 
-    def __call__(self, world_size: int) -> RankPool:
-        pool = self._pools.get(world_size)
+    def __call__(self, world_size: int, env: Optional[dict[str, str]] = None) -> RankPool:
+        """The pool of ``world_size`` ranks whose processes run with ``env`` (e.g.
+        ``{"FLASHCOMM_TRANSPORT": "c10d"}``) set before their group is created."""
+        key = (world_size, tuple(sorted((env or {}).items())))
+        pool = self._pools.get(key)
         if pool is not None and pool.broken:
             pool.close()
             pool = None
         if pool is None:
-            pool = RankPool(world_size, timeout_s=self._timeout_s)
-            self._pools[world_size] = pool
+            pool = RankPool(world_size, timeout_s=self._timeout_s, env=env)
+            self._pools[key] = pool
         return pool
 
     def close(self) -> None:

@@ -163,6 +163,12 @@ TORCH_LIBRARY(flashcomm, m) {
                      "bool enabled=True) -> Tensor",
                      flashcomm::sp_reduce, sp_reduce_meta);
 
+  // Makes every row of [n, H] valid: sharded mode all-gathers the owned rows; replicated copies.
+  FLASHCOMM_GROUP_OP(m, sp_gather,
+                     "sp_gather(Tensor x, str group_name, int sp_threshold=1000, "
+                     "bool enabled=True) -> Tensor",
+                     flashcomm::sp_gather, sp_gather_meta);
+
   // Per-op, per-path call counters as parallel lists ("<op>.<path>", count).
   m.def("stats() -> (str[], int[])", TORCH_FN(stats_op));
   // Zeroes every counter.

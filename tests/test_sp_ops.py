@@ -1,5 +1,5 @@
 """Layout-invariant ops (sp_row_linear, sp_column_linear, their W8A8 forms,
-sp_add_rms_norm and sp_reduce) in replicated and sharded mode, on 1, 2 and 4 ranks, against
+sp_add_rms_norm, sp_reduce and sp_gather) in replicated and sharded mode, on 1, 2 and 4 ranks, against
 dense single-process references. Don't-care rows of the inputs are NaN and
 poisoning is on, so a result that read them, or a wrong row ownership, fails."""
 
@@ -216,6 +216,24 @@ def test_sp_reduce(ranks, tp, dtype):
             _check_rows(out, want, _valid_for(mode, n, tp, rank), dtype)
 
 
+def _gather_on_rank(x_full, sp_threshold):
+    n = x_full.shape[0]
+    x = _poisoned(x_full, _valid_rows(n, sp_threshold))  # only the owned rows are valid
+    return _run("sp_gather", flashcomm.sp_gather, x, None, sp_threshold)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp", TPS)
+def test_sp_gather(ranks, tp, dtype):
+    pool = ranks(tp)
+    for n, sp_threshold in cases(tp):
+        x = torch.randn(n, K, generator=torch.Generator().manual_seed(n + 4)).to(dtype)
+        mode = _expected_mode(n, tp, sp_threshold)
+        for out, counts in pool.run(_gather_on_rank, x, sp_threshold):
+            _check_mode(counts, mode)
+            assert torch.equal(out, x)  # rows are moved, never changed
+
+
 VALUE_FREE_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
@@ -245,6 +263,7 @@ def _opcheck_on_rank():
                 (torch.ops.flashcomm.sp_add_rms_norm.default,
                  (x, None, nw, EPS, name, sp_threshold, True, False)),
                 (torch.ops.flashcomm.sp_reduce.default, (x, name, sp_threshold, True)),
+                (torch.ops.flashcomm.sp_gather.default, (x, name, sp_threshold, True)),
             ]
             sharded = flashcomm.sp_mode(n, tp, sp_threshold) == "sharded"
             for op, args in samples:

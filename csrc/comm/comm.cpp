@@ -235,7 +235,7 @@ std::vector<int64_t> exchange_over_process_group(const Group& g, const at::Tenso
 }
 
 void ensure_ready(const Group& g, const char* op, const at::Device& device,
-                  const std::vector<core::Setting>& call_settings) {
+                  CallSettings call_settings) {
   GroupState& st = g.state();
   if (st.ready.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lock(st.mu);
@@ -245,7 +245,9 @@ void ensure_ready(const Group& g, const char* op, const at::Device& device,
       st.transport = make_c10d_transport(g.process_group_ptr(), g.name(), C10dOptions());
     }
   } else {
-    setup(g, op, device, call_settings);
+    std::vector<core::Setting> settings;
+    for (const auto& [name, value] : call_settings) settings.push_back({name, value});
+    setup(g, op, device, settings);
   }
   st.ready.store(true, std::memory_order_release);
 }

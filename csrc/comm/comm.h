@@ -7,7 +7,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <utility>
 #include <string>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
@@ -68,8 +70,11 @@ Group resolve(const ProcessGroupPtr& pg, const char* op);
 // Collective over the group's ProcessGroup on `device`. Refuses to run while the
 // current stream of `device` is capturing a CUDA graph (call flashcomm.init first).
 // A no-op once done, and for a group that does not communicate.
+// `call_settings` are (name, value) pairs of string literals: nothing is built on
+// the hot path, where the group is ready.
+using CallSettings = std::initializer_list<std::pair<const char*, int64_t>>;
 void ensure_ready(const Group& group, const char* op, const at::Device& device,
-                  const std::vector<core::Setting>& call_settings);
+                  CallSettings call_settings);
 // The same check run unconditionally (flashcomm.init): verifies again even when
 // the group is ready.
 void verify(const Group& group, const char* op, const at::Device& device,

@@ -24,6 +24,8 @@ const char* op_name(OpId op) {
       return "sp_add_rms_norm";
     case OpId::kSpReduce:
       return "sp_reduce";
+    case OpId::kSpGather:
+      return "sp_gather";
     default:
       return "unknown";
   }

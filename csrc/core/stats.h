@@ -27,6 +27,7 @@ enum class OpId : int {
   kSpColumnLinearW8A8,
   kSpAddRmsNorm,
   kSpReduce,
+  kSpGather,
   kCount
 };
 

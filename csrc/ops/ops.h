@@ -65,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
                                                         bool gather);
 at::Tensor sp_reduce_meta(const at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold,
                           bool enabled);
+at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
+                          bool enabled);
 
 // Counters and configuration (see flashcomm.stats / reset_stats in Python).
 std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op();

@@ -258,6 +258,15 @@ at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group, int64_t s
                       /*threshold=*/-1);
 }
 
+at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
+                     bool enabled) {
+  ops::check_partial("sp_gather", x);
+  const ModeCall mc = decide_mode(OpId::kSpGather, group, x.device(), x.size(0), sp_threshold,
+                                  enabled, /*threshold=*/-1);
+  if (mc.mode == Mode::kReplicated) return x.clone(at::MemoryFormat::Contiguous);
+  return ops::gather_rows(mc.group, owned_block(x, mc.group), x.size(0), mc.info);
+}
+
 namespace ops {
 
 at::Tensor sp_row_linear_meta(const at::Tensor& x, const at::Tensor& weight,
@@ -316,6 +325,11 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
 at::Tensor sp_reduce_meta(const at::Tensor& partial, const GroupPtr&, int64_t, bool) {
   check_partial("sp_reduce", partial);
   return at::empty_symint(partial.sym_sizes(), partial.options());
+}
+
+at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr&, int64_t, bool) {
+  check_partial("sp_gather", x);
+  return at::empty_symint(x.sym_sizes(), x.options());
 }
 
 }  // namespace ops

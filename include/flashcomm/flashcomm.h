@@ -140,6 +140,12 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
 at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group,
                      int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
 
+// Makes every row of x [n, H] valid on every rank: sharded mode all-gathers the
+// owned rows (in front of an engine's own column-parallel GEMM when no norm does
+// it); replicated mode returns a copy.
+at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group,
+                     int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
+
 // ("<op>.<path>", calls) for every op: compact ops count "sequential" /
 // "pipelined", layout-invariant ops "replicated" / "sharded".
 std::vector<std::pair<std::string, int64_t>> stats();

@@ -104,3 +104,10 @@ def sp_reduce(partial: torch.Tensor, group: Group = None,
     ``[n, N]``: replicated = all-reduce (every row valid); sharded = reduce-scatter
     into the owned rows (the rest don't-care)."""
     return torch.ops.flashcomm.sp_reduce(partial, group_name(group), sp_threshold, enabled)
+
+
+def sp_gather(x: torch.Tensor, group: Group = None, sp_threshold: int = DEFAULT_SP_THRESHOLD,
+              enabled: bool = True) -> torch.Tensor:
+    """``x [n, H]`` (sharded mode: the owned rows valid) -> ``[n, H]`` with every row
+    valid on every rank: all-gather of the owned rows (sharded) or a copy (replicated)."""
+    return torch.ops.flashcomm.sp_gather(x, group_name(group), sp_threshold, enabled)

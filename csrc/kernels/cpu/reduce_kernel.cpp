@@ -1,5 +1,7 @@
 // Compiled once per ISA (see isa.h).
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -17,17 +19,15 @@ using Vec = at::vec::Vectorized<float>;
 // Elements per parallel task: large enough that a task streams a few pages.
 constexpr int64_t kGrain = 16384;
 
+// The tails use the vector code with partial loads and stores too: no scalar
+// c10::Half / BFloat16 conversion (whose inline definitions differ between the
+// ISA copies) is ever emitted here.
 void sum_float(float* out, const float* const* srcs, int num_srcs, int64_t begin, int64_t end) {
-  int64_t i = begin;
-  for (; i + Vec::size() <= end; i += Vec::size()) {
-    Vec acc = Vec::loadu(srcs[0] + i);
-    for (int s = 1; s < num_srcs; ++s) acc = acc + Vec::loadu(srcs[s] + i);
-    acc.store(out + i);
-  }
-  for (; i < end; ++i) {
-    float acc = srcs[0][i];
-    for (int s = 1; s < num_srcs; ++s) acc += srcs[s][i];
-    out[i] = acc;
+  for (int64_t i = begin; i < end; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), end - i);
+    Vec acc = Vec::loadu(srcs[0] + i, count);
+    for (int s = 1; s < num_srcs; ++s) acc = acc + Vec::loadu(srcs[s] + i, count);
+    acc.store(out + i, count);
   }
 }
 
@@ -35,20 +35,15 @@ void sum_float(float* out, const float* const* srcs, int num_srcs, int64_t begin
 template <typename T>
 void sum_reduced(T* out, const T* const* srcs, int num_srcs, int64_t begin, int64_t end) {
   using RVec = at::vec::Vectorized<T>;
-  int64_t i = begin;
-  for (; i + RVec::size() <= end; i += RVec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<T>(RVec::loadu(srcs[0] + i));
+  for (int64_t i = begin; i < end; i += RVec::size()) {
+    const int64_t count = std::min<int64_t>(RVec::size(), end - i);
+    auto [lo, hi] = at::vec::convert_to_float<T>(RVec::loadu(srcs[0] + i, count));
     for (int s = 1; s < num_srcs; ++s) {
-      auto [a, b] = at::vec::convert_to_float<T>(RVec::loadu(srcs[s] + i));
+      auto [a, b] = at::vec::convert_to_float<T>(RVec::loadu(srcs[s] + i, count));
       lo = lo + a;
       hi = hi + b;
     }
-    at::vec::convert_from_float<T>(lo, hi).store(out + i);
-  }
-  for (; i < end; ++i) {
-    float acc = static_cast<float>(srcs[0][i]);
-    for (int s = 1; s < num_srcs; ++s) acc += static_cast<float>(srcs[s][i]);
-    out[i] = static_cast<T>(acc);
+    at::vec::convert_from_float<T>(lo, hi).store(out + i, count);
   }
 }
 

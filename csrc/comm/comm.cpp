@@ -48,7 +48,7 @@ bool stream_is_capturing(const at::Device& device) {
   if (device.is_cpu() || device.is_meta()) return false;
   try {
     const auto* impl = c10::impl::getDeviceGuardImpl(device.type());
-    return impl->getStream(device).is_capturing();
+    return compat::stream_is_capturing(impl->getStream(device));
   } catch (const std::exception&) {
     return false;
   }

@@ -12,8 +12,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <flashcomm/flashcomm.h>
+#include <flashcomm/version.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/library.h>
+
+#include <cstring>
+#include <string>
+#include <utility>
 
 #include "ops/ops.h"
 
@@ -77,11 +82,25 @@ struct WithGroupName<Op, Fn> {
   }
 };
 
+// A schema with the defaults of include/flashcomm/defaults.h in place of
+// "{threshold}" and "{sp_threshold}": the defaults are written in one place.
+std::string with_defaults(std::string schema) {
+  const std::pair<const char*, int64_t> defaults[] = {
+      {"{threshold}", flashcomm::kDefaultThreshold},
+      {"{sp_threshold}", flashcomm::kDefaultSpThreshold}};
+  for (const auto& [token, value] : defaults) {
+    for (size_t at = schema.find(token); at != std::string::npos; at = schema.find(token)) {
+      schema.replace(at, std::strlen(token), std::to_string(value));
+    }
+  }
+  return schema;
+}
+
 // def + real + Meta + Autograd kernels of one op taking a group.
 #define FLASHCOMM_GROUP_OP(m, name, schema, real, meta)                                   \
   do {                                                                                    \
     static constexpr char kName[] = #name;                                                \
-    m.def(schema);                                                                        \
+    m.def(with_defaults(schema).c_str());                                                 \
     m.impl(#name, kReal, TORCH_FN((WithGroupName<kName, &real>::call)));                  \
     m.impl(#name, kMeta, TORCH_FN((WithGroupName<kName, &meta>::call)));                  \
     m.impl(#name, kAutograd, autograd_kernel());                                          \
@@ -95,13 +114,13 @@ TORCH_LIBRARY(flashcomm, m) {
   // Row-parallel GEMM fused with reduce-scatter: [n, K_r] -> this rank's [ceil(n/tp), N].
   FLASHCOMM_GROUP_OP(m, gemm_rs,
                      "gemm_rs(Tensor x, Tensor weight, Tensor? bias, str group_name, "
-                     "int threshold=1000, bool enabled=True) -> Tensor",
+                     "int threshold={threshold}, bool enabled=True) -> Tensor",
                      flashcomm::gemm_rs, gemm_rs_meta);
 
   // All-gather of [ceil(num_tokens/tp), K] shards fused with a column GEMM -> [num_tokens, N_r].
   FLASHCOMM_GROUP_OP(m, ag_gemm,
                      "ag_gemm(Tensor x, Tensor weight, Tensor? bias, str group_name, "
-                     "SymInt num_tokens, int threshold=1000, bool enabled=True, "
+                     "SymInt num_tokens, int threshold={threshold}, bool enabled=True, "
                      "bool gather_output=False) -> Tensor",
                      flashcomm::ag_gemm, ag_gemm_meta);
 
@@ -109,7 +128,7 @@ TORCH_LIBRARY(flashcomm, m) {
   FLASHCOMM_GROUP_OP(m, gemm_rs_w8a8,
                      "gemm_rs_w8a8(Tensor x, Tensor weight, Tensor weight_scale, "
                      "Tensor? input_scale, Tensor? input_zero_point, Tensor? bias, "
-                     "str group_name, ScalarType out_dtype, int threshold=1000, "
+                     "str group_name, ScalarType out_dtype, int threshold={threshold}, "
                      "bool enabled=True) -> Tensor",
                      flashcomm::gemm_rs_w8a8, gemm_rs_w8a8_meta);
 
@@ -118,27 +137,27 @@ TORCH_LIBRARY(flashcomm, m) {
                      "ag_gemm_w8a8(Tensor x, Tensor weight, Tensor weight_scale, "
                      "Tensor? input_scale, Tensor? input_zero_point, Tensor? bias, "
                      "str group_name, SymInt num_tokens, ScalarType out_dtype, "
-                     "int threshold=1000, bool enabled=True, bool gather_output=False) -> Tensor",
+                     "int threshold={threshold}, bool enabled=True, bool gather_output=False) -> Tensor",
                      flashcomm::ag_gemm_w8a8, ag_gemm_w8a8_meta);
 
   // Layout-invariant row-parallel linear [n, K_r] -> [n, N]: all-reduce, or RS into owned rows.
   FLASHCOMM_GROUP_OP(m, sp_row_linear,
                      "sp_row_linear(Tensor x, Tensor weight, Tensor? bias, str group_name, "
-                     "int sp_threshold=1000, bool enabled=True, int threshold=-1) -> Tensor",
+                     "int sp_threshold={sp_threshold}, bool enabled=True, int threshold=-1) -> Tensor",
                      flashcomm::sp_row_linear, sp_row_linear_meta);
 
   // W8A8 layout-invariant row-parallel linear.
   FLASHCOMM_GROUP_OP(m, sp_row_linear_w8a8,
                      "sp_row_linear_w8a8(Tensor x, Tensor weight, Tensor weight_scale, "
                      "Tensor? input_scale, Tensor? input_zero_point, Tensor? bias, "
-                     "str group_name, ScalarType out_dtype, int sp_threshold=1000, "
+                     "str group_name, ScalarType out_dtype, int sp_threshold={sp_threshold}, "
                      "bool enabled=True, int threshold=-1) -> Tensor",
                      flashcomm::sp_row_linear_w8a8, sp_row_linear_w8a8_meta);
 
   // Layout-invariant column-parallel linear [n, K] -> [n, N_r], all rows valid.
   FLASHCOMM_GROUP_OP(m, sp_column_linear,
                      "sp_column_linear(Tensor x, Tensor weight, Tensor? bias, str group_name, "
-                     "int sp_threshold=1000, bool enabled=True, int threshold=-1, "
+                     "int sp_threshold={sp_threshold}, bool enabled=True, int threshold=-1, "
                      "bool gather_output=False) -> Tensor",
                      flashcomm::sp_column_linear, sp_column_linear_meta);
 
@@ -146,28 +165,47 @@ TORCH_LIBRARY(flashcomm, m) {
   FLASHCOMM_GROUP_OP(m, sp_column_linear_w8a8,
                      "sp_column_linear_w8a8(Tensor x, Tensor weight, Tensor weight_scale, "
                      "Tensor? input_scale, Tensor? input_zero_point, Tensor? bias, "
-                     "str group_name, ScalarType out_dtype, int sp_threshold=1000, "
+                     "str group_name, ScalarType out_dtype, int sp_threshold={sp_threshold}, "
                      "bool enabled=True, int threshold=-1, bool gather_output=False) -> Tensor",
                      flashcomm::sp_column_linear_w8a8, sp_column_linear_w8a8_meta);
 
   // Boundary add + RMSNorm -> (normed, residual) [n, H]; sharded: owned rows (gather: all).
   FLASHCOMM_GROUP_OP(m, sp_add_rms_norm,
                      "sp_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, "
-                     "str group_name, int sp_threshold=1000, bool enabled=True, "
+                     "str group_name, int sp_threshold={sp_threshold}, bool enabled=True, "
                      "bool gather=False) -> (Tensor, Tensor)",
                      flashcomm::sp_add_rms_norm, sp_add_rms_norm_meta);
 
   // Row-parallel communication after an engine's own GEMM: [n, N] partial -> all-reduce, or RS into owned rows.
   FLASHCOMM_GROUP_OP(m, sp_reduce,
-                     "sp_reduce(Tensor partial, str group_name, int sp_threshold=1000, "
+                     "sp_reduce(Tensor partial, str group_name, int sp_threshold={sp_threshold}, "
                      "bool enabled=True) -> Tensor",
                      flashcomm::sp_reduce, sp_reduce_meta);
 
   // Makes every row of [n, H] valid: sharded mode all-gathers the owned rows; replicated copies.
   FLASHCOMM_GROUP_OP(m, sp_gather,
-                     "sp_gather(Tensor x, str group_name, int sp_threshold=1000, "
+                     "sp_gather(Tensor x, str group_name, int sp_threshold={sp_threshold}, "
                      "bool enabled=True) -> Tensor",
                      flashcomm::sp_gather, sp_gather_meta);
+
+  // The library version (pyproject.toml's, compiled in).
+  m.def("version() -> str", TORCH_FN(version_op));
+  // The defaults (include/flashcomm/defaults.h and the transport's) as parallel lists.
+  m.def("defaults() -> (str[], int[])", TORCH_FN(defaults_op));
+  // The layout mode rule: "sharded" iff enabled and tp > 1 and n > sp_threshold.
+  m.def("sp_mode(int n, int tp, int sp_threshold, bool enabled=True) -> str", TORCH_FN(sp_mode_op));
+  // The strategy rule for a resolved threshold: "pipelined" iff enabled and tp > 1 and n > threshold.
+  m.def("strategy(int n, int tp, int threshold, bool enabled=True) -> str", TORCH_FN(strategy_op));
+  // threshold >= 0 unchanged; < 0: the tuning table's crossover of the op shape, else the default.
+  m.def("resolve_threshold(str op, int k, int n, int tp, str dtype, int threshold) -> int",
+        TORCH_FN(resolve_threshold_op));
+  // [begin, end) of the rows rank `rank` owns in sharded mode.
+  m.def("owned_rows(int n, int tp, int rank) -> int[]", TORCH_FN(owned_rows_op));
+  // Rows per rank block, ceil(n / tp).
+  m.def("shard_rows(int n, int tp) -> int", TORCH_FN(shard_rows_op));
+  // The pipelined chunks of a rank block of c rows, flattened as [begin0, end0, begin1, ...].
+  m.def("plan_chunks(int c, int max_chunks, int min_chunk_rows) -> int[]",
+        TORCH_FN(plan_chunks_op));
 
   // Per-op, per-path call counters as parallel lists ("<op>.<path>", count).
   m.def("stats() -> (str[], int[])", TORCH_FN(stats_op));

@@ -10,9 +10,11 @@
 #include <string>
 #include <vector>
 
+#include <flashcomm/version.h>
+
 namespace flashcomm::core {
 
-inline constexpr const char* kVersion = "0.1.0";
+using ::flashcomm::kVersion;  // flashcomm/version.h, generated from pyproject.toml
 
 struct Setting {
   std::string name;

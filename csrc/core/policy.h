@@ -13,6 +13,8 @@
 #include <string>
 #include <tuple>
 
+#include <flashcomm/defaults.h>
+
 namespace flashcomm::core {
 
 enum class Strategy : int { kSequential = 0, kPipelined = 1 };
@@ -20,8 +22,8 @@ enum class Strategy : int { kSequential = 0, kPipelined = 1 };
 const char* strategy_name(Strategy s);
 
 // Threshold used when an op is called with threshold < 0 ("auto") and no
-// tuning-table entry matches its shape. The constant every peer uses.
-inline constexpr int64_t kDefaultThreshold = 1000;
+// tuning-table entry matches its shape (include/flashcomm/defaults.h).
+using ::flashcomm::kDefaultThreshold;
 
 // pipelined iff enabled && (tp > 1 || force_collectives) && n_global > threshold.
 // `threshold` must already be resolved (>= 0); see resolve_threshold.
@@ -78,8 +80,8 @@ int64_t resolve_threshold(int64_t threshold, const ShapeKey& key);
 // Chunking of the pipelined kernels. Part of the configuration that steers the
 // collective pattern, so it must be set identically on every rank.
 struct PipelineConfig {
-  int64_t max_chunks = 4;       // collectives per pipelined call (upper bound)
-  int64_t min_chunk_rows = 16;  // rows of each rank block per chunk (lower bound)
+  int64_t max_chunks = kDefaultMaxChunks;         // collectives per pipelined call (upper bound)
+  int64_t min_chunk_rows = kDefaultMinChunkRows;  // rows of each rank block per chunk (lower bound)
 };
 
 PipelineConfig pipeline_config();

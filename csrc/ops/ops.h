@@ -81,4 +81,15 @@ std::string transport_op(const std::string& group_name);
 std::string all_reduce_provider_op(const std::string& group_name);
 void set_capturing_for_testing_op(bool capturing);
 
+// The policy and shard arithmetic of csrc/core, for Python (one source of each rule).
+std::string version_op();
+std::tuple<std::vector<std::string>, std::vector<int64_t>> defaults_op();
+std::string sp_mode_op(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled);
+std::string strategy_op(int64_t n, int64_t tp, int64_t threshold, bool enabled);
+int64_t resolve_threshold_op(const std::string& op, int64_t k, int64_t n, int64_t tp,
+                             const std::string& dtype, int64_t threshold);
+std::vector<int64_t> owned_rows_op(int64_t n, int64_t tp, int64_t rank);
+int64_t shard_rows_op(int64_t n, int64_t tp);
+std::vector<int64_t> plan_chunks_op(int64_t c, int64_t max_chunks, int64_t min_chunk_rows);
+
 }  // namespace flashcomm::ops

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
+#include <flashcomm/defaults.h>
 
 #include <cstdint>
 #include <optional>
@@ -25,8 +26,6 @@ namespace flashcomm {
 
 using GroupPtr = c10::intrusive_ptr<c10d::ProcessGroup>;
 
-// Default kernel-strategy threshold: pipelined iff n_global > threshold.
-inline constexpr int64_t kDefaultThreshold = 1000;
 
 // Row-parallel GEMM fused with reduce-scatter.
 //   x      [n, K_r]  this rank's input-feature slice (all n tokens)
@@ -85,7 +84,6 @@ at::Tensor ag_gemm_w8a8(const at::Tensor& x, const at::Tensor& weight,
 // The mode is a pure function of (n, tp, sp_threshold, enabled); pass the same
 // sp_threshold to every op of a model. `threshold` is the compact kernels'
 // strategy threshold used in sharded mode (< 0: auto).
-inline constexpr int64_t kDefaultSpThreshold = 1000;
 
 // Row-parallel linear: x [n, K_r] (all rows valid), weight [N, K_r] -> [n, N].
 // Replicated: GEMM + all-reduce; sharded: GEMM + reduce-scatter into the owned rows.

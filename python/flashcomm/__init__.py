@@ -6,7 +6,6 @@ sequential and a pipelined (overlapped) strategy, with exact meta kernels so
 ``torch.compile`` traces one graph for every token count.
 """
 
-from ._version import __version__
 from .ops import (
     DEFAULT_THRESHOLD,
     ag_gemm,
@@ -18,6 +17,7 @@ from .ops import (
     get_pipeline_config,
     group_name,
     init,
+    library_version,
     reset_stats,
     set_all_reduce_provider,
     set_pipeline_config,
@@ -37,6 +37,8 @@ from .sp import (
     sp_row_linear_w8a8,
 )
 
+__version__: str = library_version()
+
 __all__ = [
     "__version__",
     "DEFAULT_SP_THRESHOLD",
@@ -52,6 +54,7 @@ __all__ = [
     "owned_rows",
     "group_name",
     "init",
+    "library_version",
     "reset_stats",
     "set_pipeline_config",
     "sp_add_rms_norm",

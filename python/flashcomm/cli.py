@@ -349,6 +349,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.ops:
+        from flashcomm import DEFAULT_THRESHOLD
         from flashcomm.demo import DemoConfig, format_table, run_demo
 
         if args.hidden % args.tp:
@@ -356,7 +357,7 @@ def _demo(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         cfg = DemoConfig(tp=args.tp, tokens=args.tokens, hidden=args.hidden,
-                         threshold=args.threshold if args.threshold >= 0 else 1000,
+                         threshold=args.threshold if args.threshold >= 0 else DEFAULT_THRESHOLD,
                          repeats=args.repeats)
         print(format_table(run_demo(cfg), cfg))
         return 0

@@ -23,7 +23,15 @@ _loader.load()
 
 Group = Union[dist.ProcessGroup, str, None]
 
-DEFAULT_THRESHOLD = 1000
+def _defaults() -> dict[str, int]:
+    names, values = torch.ops.flashcomm.defaults()
+    return dict(zip(names, (int(v) for v in values)))
+
+
+# The library's defaults (include/flashcomm/defaults.h), the only place they are written.
+DEFAULTS: dict[str, int] = _defaults()
+DEFAULT_THRESHOLD: int = DEFAULTS["threshold"]
+DEFAULT_SP_THRESHOLD: int = DEFAULTS["sp_threshold"]
 
 
 def group_name(group: Group) -> str:
@@ -156,6 +164,11 @@ def ag_gemm_w8a8(
     )
 
 
+def library_version() -> str:
+    """Version of the loaded op library (pyproject.toml's, compiled in)."""
+    return str(torch.ops.flashcomm.version())
+
+
 def stats() -> dict[str, dict[str, int]]:
     """Calls per op and path since the last reset (this process only): the kernel
     strategy of the compact ops, the layout mode of the layout-invariant ops, e.g.
@@ -174,7 +187,8 @@ def reset_stats() -> None:
     torch.ops.flashcomm.reset_stats()
 
 
-def set_pipeline_config(max_chunks: int = 4, min_chunk_rows: int = 16) -> None:
+def set_pipeline_config(max_chunks: int = DEFAULTS["max_chunks"],
+                        min_chunk_rows: int = DEFAULTS["min_chunk_rows"]) -> None:
     """Chunking of the pipelined strategy: at most ``max_chunks`` collectives per
     call, each moving at least ``min_chunk_rows`` rows of every rank block. It
     steers the collective pattern, so set it identically on every rank."""

@@ -19,21 +19,21 @@ from typing import Optional
 
 import torch
 
-from .ops import Group, group_name
-
-DEFAULT_SP_THRESHOLD = 1000
+from .ops import DEFAULT_SP_THRESHOLD, Group, group_name
 
 
 def sp_mode(n: int, tp: int, sp_threshold: int = DEFAULT_SP_THRESHOLD,
             enabled: bool = True) -> str:
-    """``"sharded"`` iff ``enabled and tp > 1 and n > sp_threshold``, else ``"replicated"``."""
-    return "sharded" if (enabled and tp > 1 and n > sp_threshold) else "replicated"
+    """``"sharded"`` iff ``enabled and tp > 1 and n > sp_threshold``, else
+    ``"replicated"``: the rule the ops apply (computed by the library)."""
+    return str(torch.ops.flashcomm.sp_mode(n, tp, sp_threshold, enabled))
 
 
 def owned_rows(n: int, tp: int, rank: int) -> tuple[int, int]:
-    """Half-open range of the rows rank ``rank`` owns in sharded mode."""
-    c = -(-n // tp)
-    return min(n, rank * c), min(n, rank * c + c)
+    """Half-open range ``[r*c, min(n, r*c + c))``, ``c = ceil(n / tp)``, of the rows rank
+    ``rank`` owns in sharded mode (computed by the library)."""
+    begin, end = torch.ops.flashcomm.owned_rows(n, tp, rank)
+    return int(begin), int(end)
 
 
 def sp_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

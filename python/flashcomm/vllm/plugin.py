@@ -9,7 +9,8 @@ nothing from vLLM).
 Environment:
 
 * ``FLASHCOMM_ENABLE=1``: enable (``0`` / unset: off, vLLM unchanged).
-* ``FLASHCOMM_SP_THRESHOLD`` (default 1000): forwards with more tokens than this run
+* ``FLASHCOMM_SP_THRESHOLD`` (default ``flashcomm.DEFAULT_SP_THRESHOLD``): forwards with more
+  tokens than this run
   sequence-parallel (sharded); the others run as plain TP (replicated).
 * ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
 * ``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): the replicated path all-reduces through
@@ -51,7 +52,6 @@ ENV_THRESHOLD = "FLASHCOMM_THRESHOLD"
 ENV_STATS_FILE = "FLASHCOMM_STATS_FILE"
 ENV_STATS_INTERVAL = "FLASHCOMM_STATS_INTERVAL"
 ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
-DEFAULT_SP_THRESHOLD = 1000
 DEFAULT_STATS_INTERVAL_S = 10.0
 
 # A child of vLLM's "vllm" logger: vLLM's logging configuration (handler, format,
@@ -89,6 +89,7 @@ def _int_env(name: str, default: int) -> int:
 
 
 def sp_threshold() -> int:
+    from flashcomm import DEFAULT_SP_THRESHOLD  # the library's default
     return _int_env(ENV_SP_THRESHOLD, DEFAULT_SP_THRESHOLD)
 
 

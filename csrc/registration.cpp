@@ -207,6 +207,18 @@ TORCH_LIBRARY(flashcomm, m) {
   m.def("plan_chunks(int c, int max_chunks, int min_chunk_rows) -> int[]",
         TORCH_FN(plan_chunks_op));
 
+  // Packs a linear weight [N, K] once for the linear ops (pack: None = auto, True, False).
+  m.def("prepare_linear_weight(Tensor weight, bool? pack=None) -> Tensor",
+        TORCH_FN(flashcomm::prepare_linear_weight));
+  // True if the weight is packed (the ops' weight argument accepts it like the plain one).
+  m.def("is_packed_weight(Tensor weight) -> bool", TORCH_FN(flashcomm::is_packed_weight));
+  // True if this CPU can pack weights of the dtype (probed once).
+  m.def("weight_packing_supported(ScalarType dtype) -> bool",
+        TORCH_FN(flashcomm::weight_packing_supported));
+  // True if prepare_linear_weight(pack=None) packs a CPU weight of this dtype and [N, K].
+  m.def("weight_packed_by_default(ScalarType dtype, int N, int K) -> bool",
+        TORCH_FN(flashcomm::weight_packed_by_default));
+
   // Per-op, per-path call counters as parallel lists ("<op>.<path>", count).
   m.def("stats() -> (str[], int[])", TORCH_FN(stats_op));
   // Zeroes every counter.

@@ -1,20 +1,25 @@
 #include "ops/linear.h"
 
 #include "ops/quant.h"
+#include "ops/weights.h"
 
 namespace flashcomm::ops {
+
+namespace {
+
+// The fp32 bias the dequantisation adds, or undefined.
+at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+}  // namespace
 
 RowLinear fp_row_linear(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, bool add_bias) {
   std::optional<at::Tensor> row_bias = add_bias ? bias : std::nullopt;
-  at::Tensor w_t = weight.t();
-  RowGemm gemm = [x, w_t, row_bias](int64_t row_begin, int64_t rows, at::Tensor& out) {
-    const at::Tensor xs = x.narrow(0, row_begin, rows);
-    if (row_bias.has_value()) {
-      at::addmm_out(out, *row_bias, xs, w_t);
-    } else {
-      at::mm_out(out, xs, w_t);
-    }
+  // Every block reads rows of x against the whole weight (plain or packed once).
+  RowGemm gemm = [x, weight, row_bias](int64_t row_begin, int64_t rows, at::Tensor& out) {
+    fp_linear_into(x.narrow(0, row_begin, rows), weight, row_bias, out);
   };
   return {std::move(gemm), x.size(0), weight.size(0), x.options()};
 }
@@ -25,29 +30,27 @@ RowLinear w8a8_row_linear(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& input_zero_point,
                           const std::optional<at::Tensor>& bias, bool add_bias,
                           c10::ScalarType out_dtype) {
-  QuantizedActivation qx = quantize_activation(x, input_scale, input_zero_point);
-  at::Tensor zp_corr = input_zero_point.has_value()
-                           ? zero_point_correction(weight, *input_zero_point)
-                           : at::Tensor();
-  std::optional<at::Tensor> row_bias = add_bias ? bias : std::nullopt;
-  RowGemm gemm = [qx, weight, weight_scale, zp_corr, row_bias](int64_t row_begin, int64_t rows,
-                                                               at::Tensor& out) {
-    const at::Tensor acc = int8_matmul(qx.q.narrow(0, row_begin, rows), weight);
-    const at::Tensor xs = qx.per_token() ? qx.scale.narrow(0, row_begin, rows) : qx.scale;
-    dequantize_into(acc, xs, weight_scale, zp_corr, row_bias ? &*row_bias : nullptr, out);
+  // Each block quantises its own rows when the engine asks for it (every row
+  // exactly once), multiplies them, and dequantises into the given `out`.
+  const ActivationQuantizer quantizer(x, input_scale, input_zero_point);
+  const at::Tensor zp_corr = input_zero_point.has_value()
+                                 ? zero_point_correction(weight, *input_zero_point)
+                                 : at::Tensor();
+  const at::Tensor row_bias = add_bias ? float_bias(bias) : at::Tensor();
+  RowGemm gemm = [quantizer, weight, weight_scale, zp_corr, row_bias](
+                     int64_t row_begin, int64_t rows, at::Tensor& out) {
+    const QuantizedActivation qx = quantizer.quantize(row_begin, rows);
+    const at::Tensor acc = int8_matmul(qx.q, weight);
+    dequantize_into(acc, qx.scale, weight_scale, zp_corr,
+                    row_bias.defined() ? &row_bias : nullptr, out);
   };
   return {std::move(gemm), x.size(0), weight.size(0), x.options().dtype(out_dtype)};
 }
 
 ColumnLinear fp_column_linear(const at::Tensor& x_rows, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
-  at::Tensor w_t = weight.t();
-  GatheredGemm gemm = [w_t, bias](const at::Tensor& rows, at::Tensor& out) {
-    if (bias.has_value()) {
-      at::addmm_out(out, *bias, rows, w_t);
-    } else {
-      at::mm_out(out, rows, w_t);
-    }
+  GatheredGemm gemm = [weight, bias](const at::Tensor& rows, at::Tensor& out) {
+    fp_linear_into(rows, weight, bias, out);
   };
   ColumnLinear linear;
   linear.rows = x_rows.size(0);
@@ -68,29 +71,32 @@ ColumnLinear w8a8_column_linear(const at::Tensor& x_rows, const at::Tensor& weig
                                 const std::optional<at::Tensor>& input_scale,
                                 const std::optional<at::Tensor>& input_zero_point,
                                 const std::optional<at::Tensor>& bias, c10::ScalarType out_dtype) {
-  // Quantise only the rows this rank contributes; the wire carries int8 values,
-  // and for per-token scales the 4 scale bytes ride in the same rows.
-  const QuantizedActivation qx = quantize_activation(x_rows, input_scale, input_zero_point);
-  const bool per_token = qx.per_token();
-  at::Tensor payload = per_token ? pack_rows_with_scales(qx.q, qx.scale) : qx.q;
-  at::Tensor zp_corr = input_zero_point.has_value()
-                           ? zero_point_correction(weight, *input_zero_point)
-                           : at::Tensor();
+  // The wire carries int8 values, and for per-token scales the 4 scale bytes in
+  // the same rows. Floating-point rows are quantised by write_payload, straight
+  // into whatever buffer the transport hands it; int8 x with one scale travels
+  // as it is.
+  const ActivationQuantizer quantizer(x_rows, input_scale, input_zero_point);
+  const at::Tensor zp_corr = input_zero_point.has_value()
+                                 ? zero_point_correction(weight, *input_zero_point)
+                                 : at::Tensor();
+  const at::Tensor bias_f32 = float_bias(bias);
   const int64_t K = x_rows.size(1);
-  at::Tensor tensor_scale = per_token ? at::Tensor() : qx.scale;
+  const bool per_token = quantizer.per_token();
+  const at::Tensor tensor_scale = quantizer.tensor_scale();
   GatheredGemm gemm = [=](const at::Tensor& rows, at::Tensor& out) {
-    const QuantizedActivation part =
-        per_token ? unpack_rows_with_scales(rows, K) : QuantizedActivation{rows, tensor_scale};
-    const at::Tensor acc = int8_matmul(part.q, weight);
-    dequantize_into(acc, part.scale, weight_scale, zp_corr, bias ? &*bias : nullptr, out);
+    // rows [m, payload_cols]: K int8 values (+ the scale's 4 bytes per token).
+    const at::Tensor acc = int8_matmul(rows.narrow(1, 0, K), weight);
+    const at::Tensor x_scale = per_token ? rows.narrow(1, K, 4) : tensor_scale;
+    dequantize_into(acc, x_scale, weight_scale, zp_corr,
+                    bias_f32.defined() ? &bias_f32 : nullptr, out);
   };
   ColumnLinear linear;
-  linear.rows = payload.size(0);
-  linear.payload_cols = payload.size(1);
-  linear.payload_dtype = payload.scalar_type();
-  linear.payload = payload;
-  linear.write_payload = [payload](int64_t row_begin, int64_t rows, at::Tensor& dst) {
-    dst.copy_(payload.narrow(0, row_begin, rows));
+  linear.rows = quantizer.rows();
+  linear.payload_cols = quantizer.payload_cols();
+  linear.payload_dtype = at::kChar;
+  if (quantizer.passes_through()) linear.payload = quantizer.x();
+  linear.write_payload = [quantizer](int64_t row_begin, int64_t rows, at::Tensor& dst) {
+    quantizer.write_payload(row_begin, rows, dst);
   };
   linear.gemm = std::move(gemm);
   linear.out_features = weight.size(0);

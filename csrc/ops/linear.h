@@ -57,6 +57,14 @@ struct ColumnLinear {
 // contiguous, else written into a new one.
 at::Tensor materialize_payload(const ColumnLinear& linear);
 
+// The builders take the op's `weight` as it came: plain [N, K] on any device, or
+// packed once by the prepare step (ops/weights.h). Every GEMM call, whatever
+// block of rows it gets, reads the whole weight as it is (rows of x are sliced,
+// never W), so a packed weight is reused by every block of every strategy.
+// W8A8 blocks quantise their rows when the engine asks for them (RowGemm: inside
+// the call; ColumnLinear: in write_payload, straight into the given buffer) and
+// dequantise into the given `out` (ops/quant.h).
+
 RowLinear fp_row_linear(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, bool add_bias);
 

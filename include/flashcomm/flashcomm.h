@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
 #include <flashcomm/defaults.h>
+#include <flashcomm/weights.h>
 
 #include <cstdint>
 #include <optional>

@@ -37,6 +37,8 @@ from .sp import (
     sp_row_linear_w8a8,
 )
 
+from .weights import prepare_linear
+
 __version__: str = library_version()
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "gemm_rs_w8a8",
     "get_pipeline_config",
     "owned_rows",
+    "prepare_linear",
     "group_name",
     "init",
     "library_version",

@@ -10,8 +10,9 @@ norm and a vocab-parallel LM head. One sequence of n tokens per forward
 Modes:
 * ``"flashcomm"``: the layout-invariant ops (replicated below ``sp_threshold``,
   sequence-parallel with fused RS / AG above it);
-* ``"tp"``: plain TP as vLLM does it today: ``F.linear`` + all-reduce (c10d
-  functional collectives, traceable by torch.compile);
+* ``"tp"``: plain TP: the same ops with ``enabled=False`` (every call replicated:
+  GEMM + all-reduce on the same kernels, packed weights and transport), so comparing
+  it with ``"flashcomm"`` isolates sequence parallelism;
 * ``"dense"``: the whole model in one process, no communication.
 
 Weights are drawn from a seeded generator from the full (unsharded) shapes, so
@@ -32,6 +33,7 @@ from torch import nn
 from . import sp
 from .ops import group_name as resolve_group_name
 from .reference import quantize_dynamic, quantize_weight_per_channel
+from .weights import is_packed, prepare_linear
 
 logger = logging.getLogger(__name__)
 
@@ -160,54 +162,73 @@ class DecoderModel(nn.Module):
             layer.down = _Linear(_cols(w[p + "down"], tp, r), w8a8)
             self.layers.append(layer)
 
+    def prepare(self, pack: Optional[bool] = None) -> "DecoderModel":
+        """Packs every linear weight once for flashcomm's GEMMs
+        (:func:`flashcomm.weights.prepare_linear`; ``pack`` as there). Each packed
+        weight replaces the plain one in its module, so the model never holds both.
+
+        The ``"flashcomm"`` and ``"tp"`` modes run their linears through the flashcomm
+        ops; the ``"dense"`` reference calls ``F.linear`` / ``torch._int_mm``, which need
+        plain weights, and is left unchanged. Call before ``torch.compile``. Returns
+        ``self``.
+        """
+        if self.mode == "dense":
+            logger.info("DecoderModel.prepare: mode %r keeps plain weights", self.mode)
+            return self
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, _Linear):
+                module.weight = prepare_linear(module.weight, pack)
+                packed += int(is_packed(module.weight))
+        logger.info("DecoderModel.prepare: %d linear weights packed", packed)
+        return self
+
     # --- boundary ops, per mode -------------------------------------------------
+
+    # Both distributed modes run the same flashcomm ops (same GEMMs, packed weights,
+    # norm kernel and transport): "tp" with enabled=False, so every call is replicated
+    # (GEMM + all-reduce, exactly plain TP), "flashcomm" sharded above sp_threshold.
+    # The comparison of the two therefore isolates sequence parallelism.
+
+    @property
+    def _sp_enabled(self) -> bool:
+        return self.mode == "flashcomm"
 
     def _norm(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
               gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "flashcomm":
-            return sp.sp_add_rms_norm(x, residual, weight, self.cfg.rms_eps, self.group_name,
-                                      self.sp_threshold, True, gather)
-        return add_rms_norm(x, residual, weight, self.cfg.rms_eps)
+        if self.mode == "dense":
+            return add_rms_norm(x, residual, weight, self.cfg.rms_eps)
+        return sp.sp_add_rms_norm(x, residual, weight, self.cfg.rms_eps, self.group_name,
+                                  self.sp_threshold, self._sp_enabled, gather)
 
     def _column(self, x: torch.Tensor, lin: _Linear) -> torch.Tensor:
-        if self.mode == "flashcomm":
-            if lin.w8a8:
-                return sp.sp_column_linear_w8a8(x, lin.weight, lin.weight_scale, None, None, None,
-                                                self.group_name, self.dtype, self.sp_threshold,
-                                                True, self.threshold)
-            return sp.sp_column_linear(x, lin.weight, None, self.group_name, self.sp_threshold,
-                                       True, self.threshold)
-        return _local_linear(x, lin, self.dtype)
+        if self.mode == "dense":
+            return _local_linear(x, lin, self.dtype)
+        if lin.w8a8:
+            return sp.sp_column_linear_w8a8(x, lin.weight, lin.weight_scale, None, None, None,
+                                            self.group_name, self.dtype, self.sp_threshold,
+                                            self._sp_enabled, self.threshold)
+        return sp.sp_column_linear(x, lin.weight, None, self.group_name, self.sp_threshold,
+                                   self._sp_enabled, self.threshold)
 
     def _row(self, x: torch.Tensor, lin: _Linear) -> torch.Tensor:
-        if self.mode == "flashcomm":
-            if lin.w8a8:
-                return sp.sp_row_linear_w8a8(x, lin.weight, lin.weight_scale, None, None, None,
-                                             self.group_name, self.dtype, self.sp_threshold, True,
-                                             self.threshold)
-            return sp.sp_row_linear(x, lin.weight, None, self.group_name, self.sp_threshold,
-                                    True, self.threshold)
-        partial = _local_linear(x, lin, self.dtype)
-        if self.tp == 1:
-            return partial
-        reduced = torch.ops._c10d_functional.all_reduce(partial, "sum", self.group_name)
-        return torch.ops._c10d_functional.wait_tensor(reduced)
+        if self.mode == "dense":
+            return _local_linear(x, lin, self.dtype)
+        if lin.w8a8:
+            return sp.sp_row_linear_w8a8(x, lin.weight, lin.weight_scale, None, None, None,
+                                         self.group_name, self.dtype, self.sp_threshold,
+                                         self._sp_enabled, self.threshold)
+        return sp.sp_row_linear(x, lin.weight, None, self.group_name, self.sp_threshold,
+                                self._sp_enabled, self.threshold)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        # Vocab-parallel: local GEMM, then all ranks' vocab slices side by side.
-        # x is valid on every row here (the final norm gathered it), so the
-        # flashcomm op runs replicated (enabled=False): GEMM + feature all-gather.
-        if self.mode == "flashcomm":
-            return sp.sp_column_linear(x, self.lm_head.weight, None, self.group_name,
-                                       self.sp_threshold, False, -1, True).float()
-        logits = F.linear(x, self.lm_head.weight).float()
-        if self.tp == 1:
-            return logits
-        gathered = torch.ops._c10d_functional.all_gather_into_tensor(logits.contiguous(), self.tp,
-                                                                     self.group_name)
-        gathered = torch.ops._c10d_functional.wait_tensor(gathered)
-        n = x.shape[0]
-        return gathered.view(self.tp, n, -1).permute(1, 0, 2).reshape(n, -1)
+        # Vocab-parallel: local GEMM, then all ranks' vocab slices side by side. x is
+        # valid on every row here (the final norm gathered it), so the op runs
+        # replicated (enabled=False): GEMM + feature all-gather.
+        if self.mode == "dense":
+            return F.linear(x, self.lm_head.weight).float()
+        return sp.sp_column_linear(x, self.lm_head.weight, None, self.group_name,
+                                   self.sp_threshold, False, -1, True).float()
 
     # --- the model ----------------------------------------------------------------
 
@@ -287,9 +308,11 @@ def _local_linear(x: torch.Tensor, lin: _Linear, dtype: torch.dtype) -> torch.Te
     return (acc.float() * s * lin.weight_scale[None, :]).to(dtype)
 
 
-def build_model(cfg: ModelConfig, mode: str, **kwargs) -> DecoderModel:
-    """``DecoderModel(cfg, mode, **kwargs)`` in eval mode."""
-    return DecoderModel(cfg, mode, **kwargs).eval()
+def build_model(cfg: ModelConfig, mode: str, prepare: bool = True, **kwargs) -> DecoderModel:
+    """``DecoderModel(cfg, mode, **kwargs)`` in eval mode, its weights prepared
+    (:meth:`DecoderModel.prepare`, packing where it pays) unless ``prepare=False``."""
+    model = DecoderModel(cfg, mode, **kwargs).eval()
+    return model.prepare() if prepare else model
 
 
 __all__ = ["MODES", "TINY", "DecoderModel", "ModelConfig", "add_rms_norm", "apply_rope",

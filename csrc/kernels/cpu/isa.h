@@ -13,6 +13,7 @@
 #pragma once
 
 #include <array>
+#include <stdexcept>
 
 namespace flashcomm::kernels {
 
@@ -30,12 +31,13 @@ class KernelTable {
  public:
   constexpr KernelTable() = default;
   void set(Isa isa, Fn* fn) { fns_[static_cast<int>(isa)] = fn; }
-  // The entry for cpu_isa(), or the best lower ISA that has one.
+  // The entry for cpu_isa(), or the best lower ISA that has one. Every kernel
+  // has a DEFAULT copy, so none at all means the kernel was not built in.
   Fn* get() const {
     for (int i = static_cast<int>(cpu_isa()); i >= 0; --i) {
       if (fns_[i] != nullptr) return fns_[i];
     }
-    return nullptr;
+    throw std::logic_error("flashcomm: a CPU kernel was not compiled into this library");
   }
 
  private:

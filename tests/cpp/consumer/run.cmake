@@ -1,0 +1,21 @@
+# ctest's consumer_project: install the build into a fresh prefix, configure and
+# build tests/cpp/consumer against it with find_package(flashcomm), and run it.
+# -D: BUILD_DIR, SOURCE_DIR, WORK_DIR, TORCH_PREFIX (Torch_DIR), GLOO_INCLUDE_DIR, GENERATOR.
+file(REMOVE_RECURSE ${WORK_DIR})
+function(step)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "consumer_project: '${ARGN}' failed (${rc}):\n${out}\n${err}")
+  endif()
+endfunction()
+step(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+step(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/cpp/consumer -B ${WORK_DIR}/build -G ${GENERATOR}
+     -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix
+     -DTorch_DIR=${TORCH_PREFIX} -DGLOO_INCLUDE_DIR=${GLOO_INCLUDE_DIR})
+step(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+execute_process(COMMAND ${WORK_DIR}/build/flashcomm_consumer RESULT_VARIABLE rc
+                OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message(STATUS "${out}")
+if(NOT rc EQUAL 0 OR NOT out MATCHES "flashcomm consumer: ok")
+  message(FATAL_ERROR "consumer_project: the consumer failed (${rc}):\n${out}\n${err}")
+endif()

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=25, help="timed calls per case")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
-    from flashcomm.testing import RankPool
+    from flashcomm.tools.testing import RankPool
     with RankPool(a.tp, timeout_s=600, threads_per_rank=1,
                   env={"VLLM_CPU_OMP_THREADS_BIND": "all"}) as pool:
         results = pool.run(_bench, a.repeats, timeout_s=3600)

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.reference import quantize_weight_per_channel
+from flashcomm.tools.reference import quantize_weight_per_channel
 from flashcomm.weights import packing_supported, prepare_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.reference import feature_slice, quantize_weight_per_channel, token_shard
-from flashcomm.testing import RankPool
+from flashcomm.tools.reference import feature_slice, quantize_weight_per_channel, token_shard
+from flashcomm.tools.testing import RankPool
 
 OPS = ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8", "sp_row_linear",
        "sp_column_linear", "sp_row_linear_w8a8", "sp_column_linear_w8a8", "sp_add_rms_norm")

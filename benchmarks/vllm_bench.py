@@ -14,7 +14,7 @@ the slowest rank per repeat.
 
 ``e2e``: ``vllm.LLM`` on the tiny Qwen3 checkpoint (fp32, tp=2) with flashcomm on and
 off, prefill of 4 x 100 tokens and per-step decode of 4 sequences (the engine runner
-of ``tests/test_vllm.py``, ``--bench``); the engines run one after the other,
+``flashcomm.tools.vllm_engine``, ``--bench``); the engines run one after the other,
 alternating, ``--rounds`` times each.
 
     .venv/bin/python benchmarks/vllm_bench.py layers --json benchmarks/results/vllm_layers_cpu2.json
@@ -24,7 +24,6 @@ alternating, ``--rounds`` times each.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -129,7 +128,7 @@ def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
 
 def run_layers(args) -> dict:
     sys.path.insert(0, str(ROOT / "python"))
-    from flashcomm.testing import RankPool
+    from flashcomm.tools.testing import RankPool
     with RankPool(2) as pool:
         try:
             per_rank = pool.run(_layers_case, args.tokens, args.repeats, args.sp_threshold,
@@ -157,15 +156,9 @@ def run_layers(args) -> dict:
             "shapes": {"hidden": HIDDEN, "intermediate": INTER}}
 
 
-def _test_vllm_module():
-    spec = importlib.util.spec_from_file_location("test_vllm", ROOT / "tests" / "test_vllm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_e2e(args) -> dict:
-    tv = _test_vllm_module()
+    sys.path.insert(0, str(ROOT / "python"))
+    from flashcomm.tools import vllm_engine as tv
     # "on": the plugin's default (replicated all-reduces through vLLM's communicator);
     # "on, c10d all-reduce": FLASHCOMM_VLLM_ALL_REDUCE=0.
     modes = {"off": (False, "1"), "on": (True, "1"), "on, c10d all-reduce": (True, "0")}

@@ -225,7 +225,7 @@ def _randn(shape, seed: int, device: str, dtype: torch.dtype, scale: float = 1.0
 
 def fp_cases(gname: str, device: str, dtype: torch.dtype, n: int) -> list[Case]:
     """FP ops at n tokens (tp = 1: x [n, K], weight [N, K], compact = full layout)."""
-    from flashcomm.models import add_rms_norm
+    from flashcomm.tools.models import add_rms_norm
 
     ops = torch.ops.flashcomm
     x = _randn((n, K), 10 + n, device, dtype)
@@ -279,7 +279,7 @@ def fp_cases(gname: str, device: str, dtype: torch.dtype, n: int) -> list[Case]:
 
 def w8a8_inputs(mode: str, m: int, device: str, dtype: torch.dtype):
     """x [m, K] and (input_scale, input_zero_point) for one quantisation mode."""
-    from flashcomm.reference import quantize_dynamic
+    from flashcomm.tools.reference import quantize_dynamic
 
     x = _randn((m, K), 20 + m, device, torch.float32).to(dtype)
     scale = zp = None
@@ -298,7 +298,7 @@ def w8a8_inputs(mode: str, m: int, device: str, dtype: torch.dtype):
 def w8a8_cases(gname: str, device: str, mode: str, m: int,
                out_dtype: torch.dtype) -> list[Case]:
     """The four W8A8 ops at m tokens in one quantisation mode."""
-    from flashcomm.reference import quantize_weight_per_channel, w8a8_linear
+    from flashcomm.tools.reference import quantize_weight_per_channel, w8a8_linear
 
     ops = torch.ops.flashcomm
     x, scale, zp = w8a8_inputs(mode, m, device, torch.bfloat16)
@@ -717,11 +717,11 @@ def step_compile(args) -> int:
     flashcomm mode, FP and W8A8: one graph for token counts on both sides of
     sp_threshold, logits close to the dense model, the mode per n from the counters."""
     import flashcomm
-    from flashcomm.models import TINY, build_model
+    from flashcomm.tools.models import TINY, build_model
     from torch._dynamo.testing import CompileCounterWithBackend
 
     result = StepResult("compile", args.device)
-    gname = init_group(args.device, args.out, "compile")
+    init_group(args.device, args.out, "compile")
     dtype = torch.bfloat16
     # Starts at n >= 2: inductor specialises 0/1 of a backed dim (see tests/test_models.py).
     sequence = [7, SP_THRESHOLD, SP_THRESHOLD + 1, 100, 257, SP_THRESHOLD, 3, 2, 129]
@@ -825,7 +825,7 @@ def step_bench_gemm(args) -> int:
     row-chunk GEMMs, as the pipelined path splits it), then the W8A8 linear
     (gemm_rs_w8a8 at tp = 1, no forced collectives: quantise + GEMM + dequantise) at
     m = 1, 16, 64 against the bf16 linear."""
-    from flashcomm.reference import quantize_dynamic, quantize_weight_per_channel
+    from flashcomm.tools.reference import quantize_dynamic, quantize_weight_per_channel
 
     result = StepResult("bench-gemm", args.device)
     gname = init_group(args.device, args.out, "bench-gemm")

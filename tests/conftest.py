@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-from flashcomm.testing import RankPool, RankPools
+from flashcomm.tools.testing import RankPool, RankPools
 
 # Every multi-rank test runs on both transports: host shared memory and the c10d
 # ProcessGroup (gloo) itself.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import feature_slice, relative_error, token_shard
+from flashcomm.tools.reference import feature_slice, relative_error, token_shard
 
 from _cases import (DTYPES, RTOL, THRESHOLD, TPS, assert_ran, call_and_count,
                     expected_strategy, linear_inputs, rank_and_size, token_counts)

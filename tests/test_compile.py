@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import feature_slice, quantize_weight_per_channel
+from flashcomm.tools.reference import feature_slice, quantize_weight_per_channel
 
 from _cases import THRESHOLD, rank_and_size
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.reference import quantize_weight_per_channel, relative_error, w8a8_linear
+from flashcomm.tools.reference import quantize_weight_per_channel, relative_error, w8a8_linear
 
 from conftest import TRANSPORTS
 

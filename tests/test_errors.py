@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import feature_slice, relative_error, token_shard
+from flashcomm.tools.reference import feature_slice, relative_error, token_shard
 
 from _cases import rank_and_size
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import feature_slice, gemm_rs_reference, relative_error, shard_rows
+from flashcomm.tools.reference import feature_slice, gemm_rs_reference, relative_error, shard_rows
 
 from _cases import (DTYPES, RTOL, THRESHOLD, TPS, assert_ran, call_and_count,
                     expected_strategy, linear_inputs, rank_and_size, token_counts)

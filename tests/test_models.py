@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.models import TINY, build_model
+from flashcomm.tools.models import TINY, build_model
 
 from _cases import rank_and_size
 

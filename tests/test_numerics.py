@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import (feature_slice, int8_gemm, quantize_dynamic, shard_rows,
-                                 token_shard, w8a8_linear)
-from flashcomm.testing import RankError
+from flashcomm.tools.reference import (feature_slice, int8_gemm, quantize_dynamic, shard_rows,
+                                       token_shard, w8a8_linear)
+from flashcomm.tools.testing import RankError
 
 from _cases import RTOL, rank_and_size
 

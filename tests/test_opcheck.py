@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashcomm.reference import quantize_dynamic, quantize_weight_per_channel
+from flashcomm.tools.reference import quantize_dynamic, quantize_weight_per_channel
 
 from _cases import rank_and_size
 

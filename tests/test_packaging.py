@@ -10,7 +10,6 @@ import sys
 import venv
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ def _run(cmd, **kwargs):
 
 
 def test_wheel_builds_without_warnings_and_runs_in_a_clean_venv(tmp_path):
-    from flashcomm.testing import free_port
+    from flashcomm.tools.testing import free_port
     env = dict(os.environ, FLASHCOMM_BUILD_DIR=str(tmp_path / "build"))
     env.pop("FLASHCOMM_LIB", None)
     # Against the installed torch (no isolated build env fetching another one).

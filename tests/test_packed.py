@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.models import TINY, DecoderModel
-from flashcomm.reference import (feature_slice, quantize_weight_per_channel, relative_error,
-                                 token_shard)
+from flashcomm.tools.models import TINY, DecoderModel
+from flashcomm.tools.reference import (feature_slice, quantize_weight_per_channel, relative_error,
+                                       token_shard)
 from flashcomm.weights import is_packed, packing_supported, packs_by_default, prepare_linear
 
 from _cases import RTOL, rank_and_size

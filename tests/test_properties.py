@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of every compact op against the dense
-reference in flashcomm.reference, on real gloo groups of 1, 2 and 4 ranks.
+reference in flashcomm.tools.reference, on real gloo groups of 1, 2 and 4 ranks.
 
 Each example draws the token count n (0..1500, with extra weight on small n and
 on the default threshold), the shapes (K and N multiples of tp where the layout
@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import flashcomm
-from flashcomm.reference import (feature_slice, quantize_dynamic, shard_rows, token_shard,
-                                 w8a8_linear)
+from flashcomm.tools.reference import (feature_slice, quantize_dynamic, shard_rows, token_shard,
+                                       w8a8_linear)
 
 from _cases import RTOL, TPS, assert_ran, call_and_count, expected_strategy, rank_and_size
 

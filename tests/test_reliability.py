@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.testing import RankPool
+from flashcomm.tools.testing import RankPool
 
 from conftest import TRANSPORTS
 

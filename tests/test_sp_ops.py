@@ -1,6 +1,6 @@
 """Layout-invariant ops (sp_row_linear, sp_column_linear, their W8A8 forms,
-sp_add_rms_norm, sp_reduce and sp_gather) in replicated and sharded mode, on 1, 2 and 4 ranks, against
-dense single-process references. Don't-care rows of the inputs are NaN and
+sp_add_rms_norm, sp_reduce and sp_gather) in replicated and sharded mode, on 1, 2 and 4
+ranks, against dense single-process references. Don't-care rows of the inputs are NaN and
 poisoning is on, so a result that read them, or a wrong row ownership, fails."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import (feature_slice, gemm_rs_w8a8_reference,
-                                 quantize_weight_per_channel, relative_error, w8a8_linear)
+from flashcomm.tools.reference import (feature_slice, gemm_rs_w8a8_reference,
+                                       quantize_weight_per_channel, relative_error, w8a8_linear)
 
 from _cases import RTOL, TPS, rank_and_size
 

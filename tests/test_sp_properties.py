@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flashcomm
-from flashcomm.reference import (gemm_rs_w8a8_reference, quantize_weight_per_channel,
-                                 relative_error, w8a8_linear)
+from flashcomm.tools.reference import (gemm_rs_w8a8_reference, quantize_weight_per_channel,
+                                       relative_error, w8a8_linear)
 
 from _cases import RTOL, TPS
 from test_properties import FUZZ

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.reference import quantize_weight_per_channel, relative_error
-from flashcomm.testing import RankPool, free_port
+from flashcomm.tools.reference import quantize_weight_per_channel, relative_error
+from flashcomm.tools.testing import free_port
 
 from _cases import rank_and_size
 

@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm import tuning
-from flashcomm.models import TINY
+from flashcomm import _atomic_write, tuning
+from flashcomm.tools.bench.metrics import crossover
+from flashcomm.tools.bench.tune import model_op_shapes
+from flashcomm.tools.models import TINY
 from flashcomm.tuning import (NEVER, TuningEntry, TuningTable, TuningTableWarning, apply_table,
-                              crossover, load_and_apply, load_table, model_op_shapes, save_table,
-                              table_fingerprint, table_from_json, table_to_json)
+                              load_and_apply, load_table, save_table, table_fingerprint,
+                              table_from_json, table_to_json)
 
 K_R, N = 32, 24  # gemm_rs per-rank shape used on the rank pool
 
@@ -65,7 +67,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tuning.os, "replace", boom)
+    monkeypatch.setattr(_atomic_write.os, "replace", boom)
     with pytest.raises(OSError):
         save_table(_table(sp_threshold=1), str(path))
     assert path.read_bytes() == before  # the old table survives intact

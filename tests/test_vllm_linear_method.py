@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _cases import rank_and_size
-from flashcomm.testing import RankPools
+from flashcomm.tools.testing import RankPools
 
 try:
     import vllm  # noqa: F401
@@ -271,7 +271,7 @@ def test_refuses_after_weights_processed(vllm_ranks):
 
 def _all_reduce_provider_case(n: int, provider: str) -> dict:
     """sp_row_linear (replicated) with the group's all-reduces through vLLM's
-    ``vllm::all_reduce`` ("vllm"), through the c10d group ("none"), or with only rank 0
+    ``vllm::all_reduce`` ("vllm"), through flashcomm's transport ("none"), or with only rank 0
     naming the provider ("rank0": the ranks must refuse at the group's next use)."""
     import flashcomm
     from torch.profiler import ProfilerActivity, profile
@@ -297,6 +297,7 @@ def _all_reduce_provider_case(n: int, provider: str) -> dict:
         flashcomm.clear_all_reduce_provider(gname)
     names = {e.name for e in prof.events()}
     return {**res, "transport": vllm_tp_transport(),
+            "flashcomm_transport": flashcomm.transport(gname),
             "err": (out.double() - x.double() @ w.double().t()).abs().max().item(),
             "vllm_all_reduce": "vllm::all_reduce" in names,
             "c10d_allreduce": any(name.startswith("c10d::allreduce") for name in names),
@@ -311,9 +312,10 @@ def test_all_reduce_provider_routes_replicated_calls(vllm_ranks, provider):
         if provider == "vllm":
             assert r["provider"].startswith("vllm::all_reduce(tp"), r
             assert r["vllm_all_reduce"] and not r["c10d_allreduce"], r
-        else:
+        else:  # flashcomm's own transport: shared memory here (c10d if forced)
             assert r["provider"] == "", r
-            assert r["c10d_allreduce"] and not r["vllm_all_reduce"], r
+            assert not r["vllm_all_reduce"], r
+            assert r["c10d_allreduce"] == (r["flashcomm_transport"] == "c10d"), r
 
 
 def test_all_reduce_provider_must_agree(vllm_ranks):

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import pytest
 
-import test_vllm as tv
-from test_vllm import (ACTIVE, SP_THRESHOLD, expected_conversion, make_checkpoint,
-                       missing_modes, remove_left_shm, shm_mapped_by)
+from _vllm_cases import ACTIVE, CPU_VIEW, expected_conversion, missing_modes, requires_vllm
+from flashcomm.tools.vllm_engine import (SP_THRESHOLD, make_checkpoint, remove_left_shm,
+                                         shm_mapped_by, vllm_env)
 
-pytestmark = tv.pytestmark
+pytestmark = requires_vllm
+ROOT = Path(__file__).resolve().parents[1]
 
 LONG_PROMPT = [(5 * j + 7) % 500 + 3 for j in range(2 * SP_THRESHOLD + 8)]  # > threshold
 SHORT_PROMPT = [(3 * j + 11) % 500 + 3 for j in range(SP_THRESHOLD // 2)]  # < threshold
@@ -94,7 +95,7 @@ class Server:
             str(model), "--tensor-parallel-size", "2", "--dtype", "float32",
             "--skip-tokenizer-init", "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0"]
-        self.env = tv.vllm_env(tmp, enable, 2, "inductor", tv.CPU_VIEW)
+        self.env = vllm_env(tmp, enable, 2, "inductor", CPU_VIEW)
         self.env.update({MARKER: self.marker, "FLASHCOMM_STATS_FILE": str(self.stats_prefix),
                          "FLASHCOMM_STATS_INTERVAL": str(STATS_INTERVAL_S)})
         self.proc: subprocess.Popen | None = None
@@ -252,7 +253,7 @@ def test_serve_help_reaches_vllm_cli():
     # which with the CPU wheel fails unless the version lookup is answered.
     proc = subprocess.run(serve_command() + ["--help"], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              [str(tv.ROOT / "python"), os.environ.get("PYTHONPATH", "")])})
+                              [str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "usage: flashcomm serve MODEL" in proc.stdout, proc.stdout[:2000]
     assert "usage: vllm serve" in proc.stdout and "ParallelConfig" in proc.stdout, \

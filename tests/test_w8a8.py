@@ -1,5 +1,5 @@
 """gemm_rs_w8a8 and ag_gemm_w8a8 on real gloo groups against the dense W8A8
-reference (flashcomm.reference), plus exactness of the int32 accumulation and
+reference (flashcomm.tools.reference), plus exactness of the int32 accumulation and
 the error of the dequantised result against the fp32 product."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import flashcomm
-from flashcomm.reference import (feature_slice, gemm_rs_w8a8_reference, int8_gemm,
-                                 quantize_dynamic, quantize_weight_per_channel,
-                                 relative_error, token_shard, w8a8_linear)
+from flashcomm.tools.reference import (feature_slice, gemm_rs_w8a8_reference, int8_gemm,
+                                       quantize_dynamic, quantize_weight_per_channel,
+                                       relative_error, token_shard, w8a8_linear)
 
 from _cases import (RTOL, THRESHOLD, TPS, assert_ran, call_and_count, expected_strategy,
                     rank_and_size, token_counts)

@@ -339,6 +339,16 @@ void ShmTransport::all_gather(at::Tensor& out, const at::Tensor& in, const CallI
 
 // --- set-up ---------------------------------------------------------------------------------
 
+int64_t env_microseconds(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long long us = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && us >= 0, name,
+              " must be a non-negative integer number of microseconds, got '", v, "'");
+  return us;
+}
+
 // Identifies the kernel this process runs on (ranks on one host share it, also
 // across containers), falling back to the host name.
 int64_t host_identity() {
@@ -417,6 +427,12 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
   options.timeout = group_timeout(g);
   options.label = "group '" + g.name() + "'";
   options.describe = describe_shm;
+  // A waiting rank spins briefly, then yields, then sleeps. Yielding returns at once
+  // when nothing else wants the core, so on ranks with a core each (as serving engines
+  // bind them) it reacts like a spin; sleeping adds a timer's latency to the step.
+  // Decode steps see peers a few hundred µs late, hence a long yield phase
+  // (FLASHCOMM_SHM_YIELD_US, default 5000) before any sleep.
+  options.wait.yield = std::chrono::microseconds(env_microseconds("FLASHCOMM_SHM_YIELD_US", 5000));
 
   std::unique_ptr<shm::Channel> channel;
   std::string why;

@@ -1,5 +1,7 @@
+"""``python -m flashcomm``: the command line (flashcomm_cli)."""
+
 import sys
 
-from flashcomm.cli import main
+from flashcomm_cli import main
 
 sys.exit(main())

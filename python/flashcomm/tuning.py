@@ -1,20 +1,15 @@
-"""Thresholds measured on this machine instead of a constant (`flashcomm tune`).
+"""Tuning tables: measured crossovers instead of a constant, loaded at serving time.
 
 The compact ops called with ``threshold < 0`` (auto) look up a crossover per op
 shape ``(op, K, N, tp, dtype)`` in a C++ table (``torch.ops.flashcomm.
-set_auto_threshold``), else use 1000. This module measures those crossovers on
-the current machine and group, stores them in a versioned JSON table and
-registers them:
+set_auto_threshold``), else use the library's default. This module is that table's
+format and its use; measuring one is a tool (``flashcomm tune``,
+:mod:`flashcomm.tools.bench.tune`):
 
-* :func:`run_tune` measures, for every compact-op shape of a model config, the
-  sequential and the pipelined strategy over a grid of token counts on ``tp``
-  spawned ranks (gloo), and the model-level ``sp_threshold`` (the compiled
-  reference model forced sharded vs forced replicated);
-* :func:`save_table` writes the table atomically (temporary file + ``os.replace``)
-  with a content hash;
+* :func:`save_table` writes a table atomically with a content hash;
 * :func:`load_table` validates format, version and hash: a corrupt or
   foreign-version table gives a :class:`TuningTableWarning` and the defaults (an
-  empty table: every auto op uses 1000);
+  empty table: every auto op uses the default threshold);
 * :func:`apply_table` registers the entries; :func:`load_and_apply` does both;
 * :func:`table_fingerprint` is the hash of the decision-relevant content, for
   the start-up rank-agreement check (every rank must load the same table).
@@ -30,30 +25,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import sys
-import tempfile
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 from . import _loader
+from ._atomic_write import write_json_atomic
 
 _loader.load()
 
-logger = logging.getLogger(__name__)
-
 TABLE_FORMAT = "flashcomm-tuning"
 TABLE_VERSION = 1
+# The compact ops: the ops with a kernel strategy, hence with tuning-table entries.
 OPS = ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
-# Stored when pipelining never won on the measured grid: "always sequential".
+# A threshold no token count exceeds: "always sequential" (stored when pipelining never
+# won on the measured grid).
 NEVER = 2**62
-DEFAULT_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class TuningTableWarning(UserWarning):
@@ -97,7 +87,7 @@ class TuningTable:
 
 def default_table() -> TuningTable:
     """The table used when none (or an unusable one) is loaded: no entries, so every
-    auto op uses the built-in 1000 and the model keeps its own sp_threshold."""
+    auto op uses the default threshold and the model keeps its own sp_threshold."""
     return TuningTable()
 
 
@@ -133,29 +123,10 @@ def table_to_json(table: TuningTable) -> dict[str, Any]:
 
 
 def save_table(table: TuningTable, path: str) -> str:
-    """Writes ``table`` to ``path`` atomically: a temporary file in the same folder,
-    flushed and fsynced, then ``os.replace``; a reader never sees a partial table.
+    """Writes ``table`` to ``path`` atomically (a reader never sees a partial table).
     Returns the content hash."""
     data = table_to_json(table)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".flashcomm-tuning-", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give a normal file's mode
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_json_atomic(path, data, indent=1, sort_keys=True)
     return data["content_hash"]
 
 
@@ -249,143 +220,9 @@ def load_and_apply(path: str, clear: bool = True) -> TuningTable:
     return table
 
 
-# --- what to tune ---------------------------------------------------------------
-
-def model_op_shapes(cfg, tp: int, dtype: str = "float32",
-                    w8a8: bool = False) -> list[tuple[str, str, int, int, str]]:
-    """Compact-op shapes of the reference decoder's sequence-parallel layers as table
-    keys: ``[(layer, op, K, N, dtype_key)]`` (per-rank K/N as the ops key them).
-    The LM head runs with ``enabled=False`` and has no entry."""
-    q_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    H, inter = cfg.hidden_size, cfg.intermediate_size
-    ag, rs = ("ag_gemm_w8a8", "gemm_rs_w8a8") if w8a8 else ("ag_gemm", "gemm_rs")
-    key = "int8" if w8a8 else dtype
-    shapes = [
-        ("qkv", ag, H, q_out // tp, key),
-        ("o_proj", rs, cfg.num_heads * cfg.head_dim // tp, H, key),
-        ("gate_up", ag, H, 2 * inter // tp, key),
-        ("down", rs, inter // tp, H, key),
-    ]
-    out, seen = [], set()
-    for s in shapes:  # layers sharing an op shape share one entry
-        if s[1:] not in seen:
-            seen.add(s[1:])
-            out.append(s)
-    return out
-
-
-def crossover(ns: Sequence[int], seq_ms: Sequence[float], pipe_ms: Sequence[float],
-              margin: float = 0.0) -> int:
-    """Threshold from measurements on an increasing grid: pipelined iff n > threshold.
-    The smallest grid point from which pipelined wins (is faster by more than
-    ``margin``, a fraction) at every larger measured n; the threshold is the grid
-    point before it (0 if pipelined wins everywhere, :data:`NEVER` if it never wins
-    at the largest n)."""
-    wins = [p < s * (1.0 - margin) for s, p in zip(seq_ms, pipe_ms)]
-    first = len(ns)
-    for i in range(len(ns) - 1, -1, -1):
-        if not wins[i]:
-            break
-        first = i
-    if first == len(ns):
-        return NEVER
-    return 0 if first == 0 else int(ns[first - 1])
-
-
-@dataclass
-class TuneConfig:
-    tp: int = 2
-    model: Any = None  # ModelConfig; None = flashcomm.model_demo.DEMO_MODEL
-    dtype: str = "float32"
-    w8a8: bool = True  # also tune the W8A8 ops' shapes
-    fp: bool = True  # tune the FP ops' shapes
-    tokens: tuple[int, ...] = DEFAULT_TOKENS
-    model_tokens: tuple[int, ...] = (256, 512, 1024, 2048)
-    tune_model: bool = True  # also the model-level sp_threshold
-    warmup: int = 1
-    repeats: int = 3
-    threads_per_rank: Optional[int] = None
-    margin: float = 0.0
-    backend: str = "aot_eager"
-
-
-def _progress(done: int, total: int, what: str, stream=None) -> None:
-    stream = stream or sys.stderr
-    width = 30
-    filled = width * done // max(total, 1)
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40.40}")
-    if done >= total:
-        stream.write("\n")
-    stream.flush()
-
-
-def run_tune(cfg: TuneConfig, progress: bool = True) -> TuningTable:
-    """Measures the crossovers on ``cfg.tp`` spawned CPU ranks (gloo) and returns the
-    table (not yet saved or applied). Timings: per-repeat maximum over ranks,
-    median over repeats, sequential and pipelined measured side by side."""
-    from . import bench
-    from .model_demo import DEMO_MODEL
-    from .testing import RankPool
-
-    model = cfg.model or DEMO_MODEL
-    model.check_tp(cfg.tp)
-    shapes = []
-    if cfg.fp:
-        shapes += model_op_shapes(model, cfg.tp, cfg.dtype, False)
-    if cfg.w8a8:
-        shapes += model_op_shapes(model, cfg.tp, cfg.dtype, True)
-    ns = sorted(set(cfg.tokens))
-    total = len(shapes) * len(ns) + (len(cfg.model_tokens) + 1 if cfg.tune_model else 0)
-    done = 0
-    entries, measurements = [], []
-    report = (lambda d, w: _progress(d, total, w)) if progress else (lambda d, w: None)
-    with RankPool(cfg.tp, timeout_s=900, threads_per_rank=cfg.threads_per_rank) as pool:
-        machine = bench.machine_info(pool)
-        pipeline_config = tuple(pool.run(bench.get_pipeline_config_on_rank)[0])
-        for layer, op, K, N, key in shapes:
-            seq, pipe = [], []
-            for n in ns:
-                report(done, f"{op} K={K} N={N} n={n}")
-                med = bench.measure_op(pool, op, K, N, n, cfg.dtype, ("seq", "pipe"),
-                                       cfg.warmup, cfg.repeats)
-                seq.append(med["seq"])
-                pipe.append(med["pipe"])
-                done += 1
-            thr = crossover(ns, seq, pipe, cfg.margin)
-            entries.append(TuningEntry(op, K, N, cfg.tp, key, thr))
-            measurements.append({"layer": layer, "op": op, "k": K, "n": N, "dtype": key,
-                                 "tokens": ns, "sequential_ms": seq, "pipelined_ms": pipe,
-                                 "threshold": thr})
-        sp_threshold = None
-        if cfg.tune_model:
-            table = TuningTable(entries=entries)
-            report(done, "model: compiling")
-            mns = sorted(set(cfg.model_tokens))
-            pool.run(bench.model_setup_on_rank, model, cfg.dtype, False, ("sharded", "replicated"),
-                     cfg.backend, _entries_json(table), None)
-            done += 1
-            sharded, replicated = [], []
-            for n in mns:
-                report(done, f"model n={n}")
-                med = bench.measure_model(pool, n, cfg.warmup, cfg.repeats)
-                sharded.append(med["sharded"])
-                replicated.append(med["replicated"])
-                done += 1
-            sp_threshold = crossover(mns, replicated, sharded, cfg.margin)
-            measurements.append({"layer": "model", "tokens": mns, "replicated_ms": replicated,
-                                 "sharded_ms": sharded, "sp_threshold": sp_threshold})
-        report(total, "done")
-    return TuningTable(entries=entries, sp_threshold=sp_threshold,
-                       pipeline_config=pipeline_config, machine=machine,
-                       measurements=measurements,
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), source="tuned")
-
-
-def _entries_json(table: TuningTable) -> dict[str, Any]:
-    return table_to_json(table)
-
-
 def format_table(table: TuningTable) -> str:
+    """The table as text: one line per entry, then sp_threshold, pipeline config and
+    fingerprint."""
     lines = [f"{'op':<14}{'K':>6}{'N':>6}{'tp':>4}  {'dtype':<9}{'threshold':>12}"]
     for e in table.entries:
         thr = "never" if e.threshold >= NEVER else str(e.threshold)
@@ -399,7 +236,7 @@ def format_table(table: TuningTable) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["NEVER", "TABLE_FORMAT", "TABLE_VERSION", "TuneConfig", "TuningEntry", "TuningTable",
-           "TuningTableWarning", "apply_table", "crossover", "default_table", "format_table",
-           "load_and_apply", "load_table", "model_op_shapes", "run_tune", "save_table",
-           "table_fingerprint", "table_from_json", "table_to_json"]
+__all__ = ["DTYPES", "NEVER", "OPS", "TABLE_FORMAT", "TABLE_VERSION", "TuningEntry",
+           "TuningTable", "TuningTableWarning", "apply_table", "default_table", "format_table",
+           "load_and_apply", "load_table", "save_table", "table_fingerprint", "table_from_json",
+           "table_to_json"]

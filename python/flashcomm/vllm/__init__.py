@@ -10,7 +10,9 @@
   (``gemm_rs`` / ``ag_gemm``) for users who write their own sequence-parallel models,
   and :func:`enable_flashcomm_on_model`.
 
-Nothing here imports vLLM until a submodule is imported.
+Every vLLM (and private torch) symbol these modules use goes through
+:mod:`flashcomm.vllm._compat`, with the vLLM versions it was tested against. Nothing here
+imports vLLM until a submodule is imported.
 """
 
 from .plugin import register  # noqa: F401  (imports no vLLM module)

@@ -33,19 +33,19 @@ import torch
 from torch import nn
 
 import flashcomm  # noqa: F401  (loads the op library)
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    UnquantizedLinearMethod,
-)
+
+from . import _compat
+from ._compat import DISABLE_HINT, FlashcommUnsupportedError, refuse  # noqa: F401
+
+# vLLM's classes (missing ones refuse here, when the plugin installs the layers).
+RMSNorm = _compat.symbol("RMSNorm")
+ColumnParallelLinear = _compat.symbol("ColumnParallelLinear")
+MergedColumnParallelLinear = _compat.symbol("MergedColumnParallelLinear")
+QKVParallelLinear = _compat.symbol("QKVParallelLinear")
+RowParallelLinear = _compat.symbol("RowParallelLinear")
+UnquantizedLinearMethod = _compat.symbol("UnquantizedLinearMethod")
 
 logger = logging.getLogger("flashcomm.vllm")
-
-DISABLE_HINT = ("To run this model without flashcomm, unset FLASHCOMM_ENABLE (or set "
-                "FLASHCOMM_ENABLE=0).")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -53,16 +53,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # hf_config keys that mark a mixture-of-experts model.
 MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
                    "num_experts_per_tok", "moe_intermediate_size")
-
-
-class FlashcommUnsupportedError(RuntimeError):
-    """The model or configuration cannot run with flashcomm; nothing was converted."""
-
-
-def refuse(reason: str) -> FlashcommUnsupportedError:
-    return FlashcommUnsupportedError(
-        f"flashcomm: refusing to enable flashcomm for this vLLM model: {reason}. "
-        f"{DISABLE_HINT}")
 
 
 @dataclass(frozen=True)
@@ -91,8 +81,8 @@ def classify_quant_method(layer: nn.Module) -> Optional[str]:
     if isinstance(qm, UnquantizedLinearMethod):
         return "fp"
     scheme = _w8a8_scheme(layer)
-    if type(qm).__name__ == "CompressedTensorsLinearMethod" and \
-            type(scheme).__name__ == "CompressedTensorsW8A8Int8":
+    if isinstance(qm, _compat.symbol("CompressedTensorsLinearMethod")) and \
+            isinstance(scheme, _compat.symbol("CompressedTensorsW8A8Int8")):
         if not scheme.is_static_input_scheme and not scheme.input_symmetric:
             return None  # dynamic asymmetric: flashcomm quantises dynamic symmetric only
         return "w8a8"
@@ -280,7 +270,8 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    from vllm.model_executor.custom_op import CustomOp, PluggableLayer, op_registry_oot
+    CustomOp, PluggableLayer = _compat.symbol("CustomOp"), _compat.symbol("PluggableLayer")
+    op_registry_oot = _compat.symbol("op_registry_oot")
     for name, cls in LINEAR_SWAPS.items():
         if op_registry_oot.get(name) is not cls:
             PluggableLayer.register_oot(cls, name=name)
@@ -298,7 +289,7 @@ def install() -> None:
 
 def check_config(vllm_config: Any) -> None:
     """Refuse configurations flashcomm cannot run correctly (raises)."""
-    mc = vllm_config.model_config
+    mc = _compat.attribute(vllm_config, "model_config")
     hf = getattr(mc, "hf_config", None)
     archs = list(getattr(hf, "architectures", None) or [])
     if not archs or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
@@ -310,23 +301,19 @@ def check_config(vllm_config: Any) -> None:
             if cfg is not None and getattr(cfg, key, None):
                 raise refuse(f"mixture-of-experts models are not supported (config has "
                              f"{key}={getattr(cfg, key)})")
-    pc = vllm_config.parallel_config
-    if getattr(pc, "pipeline_parallel_size", 1) > 1:
-        raise refuse(f"pipeline parallelism is not supported (pipeline_parallel_size="
-                     f"{pc.pipeline_parallel_size})")
-    for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(pc, attr, 1) > 1:
-            raise refuse(f"context parallelism is not supported ({attr}={getattr(pc, attr)})")
-    if getattr(vllm_config, "lora_config", None) is not None:
-        raise refuse("LoRA is not supported")
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise refuse("speculative decoding is not supported")
-    passes = vllm_config.compilation_config.pass_config
-    for attr in ("fuse_allreduce_rms", "enable_sp", "fuse_gemm_comms", "enable_async_tp",
-                 "enable_sequence_parallelism"):
-        if getattr(passes, attr, False):
-            raise refuse(f"vLLM's compilation pass {attr} is on; it rewrites the same "
-                         f"collectives (turn it off to use flashcomm)")
+    pc = _compat.attribute(vllm_config, "parallel_config")
+    for field, what in _compat.REFUSED_PARALLELISM.items():
+        size = _compat.attribute(pc, field)
+        if size > 1:
+            raise refuse(f"{what} is not supported ({field}={size})")
+    for field, what in _compat.REFUSED_FEATURES.items():
+        if _compat.attribute(vllm_config, field) is not None:
+            raise refuse(f"{what} is not supported")
+    passes = _compat.attribute(_compat.attribute(vllm_config, "compilation_config"),
+                               "pass_config")
+    for name in _compat.collective_passes_on(passes):
+        raise refuse(f"vLLM's compilation pass {name} is on; it rewrites the same "
+                     f"collectives (turn it off to use flashcomm)")
 
 
 def _expected_layout(model: nn.Module) -> tuple[dict[str, tuple[str, bool]], list[nn.Module]]:
@@ -375,7 +362,7 @@ def check_model(model: nn.Module, tp_size: int) -> dict[str, tuple[nn.Module, st
                 raise refuse(f"{name}: quantization {type(qm).__name__}"
                              f"({type(_w8a8_scheme(mod)).__name__}) is not supported (FP and "
                              f"compressed-tensors W8A8 int8 are)")
-            if getattr(mod, "tp_size", tp_size) != tp_size:
+            if _compat.attribute(mod, "tp_size") != tp_size:
                 raise refuse(f"{name} does not use the tensor-parallel group (disable_tp)")
             if role == "row" and not mod.reduce_results:
                 raise refuse(f"{name} has reduce_results=False")
@@ -416,14 +403,12 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
     Collective over the TP group (every worker converts its copy of the model): the
     ranks verify their settings and choose the transport here, before the first
     forward. Returns the number of converted modules."""
-    from vllm.distributed import get_tp_group
-    from vllm.platforms import current_platform
     check_config(vllm_config)
-    group = get_tp_group()
+    group = _compat.symbol("get_tp_group")()
     plan = check_model(model, group.world_size)
     w8a8 = any(kind == "w8a8" for _, _, _, kind in plan.values())
     form = resolve_gemm_form(gemm or os.environ.get("FLASHCOMM_VLLM_GEMM", "auto"),
-                             str(current_platform.device_type), w8a8)
+                             str(_compat.symbol("current_platform").device_type), w8a8)
     engine = form == "engine"
     gname = group.device_group.group_name
     converted = 0
@@ -442,13 +427,13 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
     # flashcomm's transport; every worker sets the same, before the first forward.
     provider = ""
     if vllm_all_reduce and group.world_size > 1:
-        flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
+        flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
         provider = flashcomm.all_reduce_provider(gname)
     flashcomm.init(gname, sp_threshold=int(sp_threshold), threshold=int(threshold),
                    enabled=True)
     transport = flashcomm.transport(gname)
     # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
-    extra = getattr(vllm_config, "additional_config", None)
+    extra = _compat.attribute(vllm_config, "additional_config")
     if isinstance(extra, dict):
         extra["flashcomm"] = {"sp_threshold": int(sp_threshold), "threshold": int(threshold),
                               "version": flashcomm.__version__, "all_reduce": provider,

@@ -44,13 +44,12 @@ import torch
 from torch import nn
 
 import flashcomm  # noqa: F401  (loads the op library)
-from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
-    LinearMethodBase,
-    RowParallelLinear,
-)
 
-from .layers import capture_fp, capture_w8a8, classify_quant_method
+from . import _compat
+from .layers import (ColumnParallelLinear, RowParallelLinear, capture_fp, capture_w8a8,
+                     classify_quant_method)
+
+LinearMethodBase = _compat.symbol("LinearMethodBase")
 
 NumTokensFn = Callable[[torch.Tensor], Union[int, torch.SymInt]]
 
@@ -120,12 +119,11 @@ def enable_flashcomm_on_model(model: nn.Module, threshold: int = flashcomm.DEFAU
     c10d name; default vLLM's TP group. Returns the number of layers converted.
     Raises ``ValueError`` (converting nothing) if a layer cannot be converted."""
     if group is None:
-        from vllm.distributed import get_tp_group
-        g = get_tp_group()
+        g = _compat.symbol("get_tp_group")()
         group_name, tp = g.device_group.group_name, g.world_size
     else:
         group_name = flashcomm.group_name(group)
-        tp = torch.distributed.distributed_c10d._resolve_process_group(group_name).size()
+        tp = _compat.symbol("_resolve_process_group")(group_name).size()
     plan = []
     for name, mod in model.named_modules():
         if isinstance(mod, RowParallelLinear):

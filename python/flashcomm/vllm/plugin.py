@@ -16,6 +16,9 @@ Environment:
 * ``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): the replicated path all-reduces through
   vLLM's own communicator (``vllm::all_reduce``: shared memory on CPU, custom
   all-reduce / pynccl on CUDA); ``0``: through flashcomm's own transport for the group.
+* ``FLASHCOMM_VLLM_ALLOW_UNTESTED=1``: run on a vLLM version flashcomm was not tested
+  with (:data:`flashcomm.vllm._compat.TESTED_VLLM_VERSIONS`; otherwise refused), with a
+  warning.
 * ``FLASHCOMM_STATS_FILE``: each worker that converted a model keeps
   ``<FLASHCOMM_STATS_FILE>.<pid>`` up to date while it runs (rewritten atomically every
   ``FLASHCOMM_STATS_INTERVAL`` seconds, default 10, and at a clean exit), so the counters
@@ -23,7 +26,8 @@ Environment:
   "tp_size", "time", "converted", "sp_threshold", "flashcomm_config" (what the
   conversion recorded in vLLM's ``additional_config``), "stats": flashcomm.stats()}``.
 
-What :func:`register` does, in each process: registers flashcomm's subclasses of
+What :func:`register` does, in each process: refuses an untested vLLM version
+(:func:`flashcomm.vllm._compat.check_vllm_version`), registers flashcomm's subclasses of
 vLLM's parallel linear layers and RMSNorm under the original names
 (``PluggableLayer.register_oot`` / ``CustomOp.register_oot``) and wraps
 ``BaseModelLoader.create_model``: after the model is built and before its weights load,
@@ -39,12 +43,15 @@ model, and a refusal is logged at ERROR (with the reason) before it is raised.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import threading
 import time
 from typing import Any, Optional
+
+from flashcomm._atomic_write import write_json_atomic
+
+from . import _compat
 
 ENV_ENABLE = "FLASHCOMM_ENABLE"
 ENV_SP_THRESHOLD = "FLASHCOMM_SP_THRESHOLD"
@@ -112,21 +119,28 @@ def stats_interval_s() -> float:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point. Idempotent; no-op unless enabled."""
+    """The ``vllm.general_plugins`` entry point. Idempotent; no-op unless enabled.
+    Raises :class:`~flashcomm.vllm._compat.FlashcommUnsupportedError` (logged at ERROR)
+    on an untested vLLM version or when a vLLM symbol flashcomm uses is missing."""
     global _REGISTERED
     if _REGISTERED or not enabled():
         return
-    spt, thr = sp_threshold(), kernel_threshold()
-    if os.environ.get(ENV_STATS_FILE):
-        stats_interval_s()  # a bad value fails here, in every process, not in a thread
-    from . import layers
-    layers.install()
-    _patch_model_loader(spt, thr, vllm_all_reduce())
+    try:
+        _compat.check_vllm_version()
+        spt, thr = sp_threshold(), kernel_threshold()
+        if os.environ.get(ENV_STATS_FILE):
+            stats_interval_s()  # a bad value fails here, in every process, not in a thread
+        from . import layers  # resolves vLLM's layer classes
+        layers.install()
+        _patch_model_loader(spt, thr, vllm_all_reduce())
+    except _compat.FlashcommUnsupportedError as e:
+        logger.error("%s", e)
+        raise
     _REGISTERED = True
 
 
 def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    BaseModelLoader = _compat.symbol("BaseModelLoader")
     original = BaseModelLoader.create_model
     if getattr(original, "_flashcomm_wrapped", False):
         return
@@ -139,7 +153,7 @@ def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
                              prefix=prefix)
             converted = layers.convert_model(model, vllm_config, spt, thr,
                                              use_vllm_all_reduce)
-        except layers.FlashcommUnsupportedError as e:
+        except _compat.FlashcommUnsupportedError as e:
             logger.error("%s", e)
             raise
         _log_active(model, vllm_config, converted, spt, thr)
@@ -154,8 +168,7 @@ def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
 
 def _tp_group_info() -> dict[str, Any]:
     """This worker's TP rank and size, and the c10d name of its TP group."""
-    from vllm.distributed import get_tp_group
-    tp = get_tp_group()
+    tp = _compat.symbol("get_tp_group")()
     return {"rank": tp.rank_in_group, "tp_size": tp.world_size,
             "group": tp.device_group.group_name}
 
@@ -196,7 +209,7 @@ class _StatsWriter:
         self.converted, self.spt, self.interval_s = converted, spt, interval_s
         self.record = record
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # the thread and the atexit call share the .tmp file
+        self._lock = threading.Lock()
         self._info = _tp_group_info()
         self._thread = threading.Thread(target=self._run, name="flashcomm-stats",
                                         daemon=True)
@@ -212,12 +225,9 @@ class _StatsWriter:
                "tp_size": self._info["tp_size"], "time": time.time(),
                "converted": self.converted, "sp_threshold": self.spt,
                "flashcomm_config": self.record, "stats": flashcomm.stats()}
-        tmp = f"{self.path}.tmp"
         try:
-            with self._lock:
-                with open(tmp, "w") as f:
-                    json.dump(doc, f)
-                os.replace(tmp, self.path)
+            with self._lock:  # the thread and the atexit call: the newer document wins
+                write_json_atomic(self.path, doc)
         except OSError as e:
             logger.warning("flashcomm: cannot write the stats file %s: %s", self.path, e)
 
@@ -266,8 +276,7 @@ def worker_stats(worker=None) -> dict:
         out["converted"] = sum(1 for m in model.modules()
                                if getattr(m, "_fc_state", None) is not None)
     try:
-        from vllm.distributed import get_tp_group
-        tp = get_tp_group()
+        tp = _compat.symbol("get_tp_group")()
         out["rank"] = tp.rank_in_group
         out["all_reduce_provider"] = flashcomm.all_reduce_provider(tp.device_group.group_name)
     except Exception:

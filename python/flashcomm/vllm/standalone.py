@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from . import _compat
+
 
 def init_vllm_tp() -> None:
     """vLLM world + TP group over all ranks of the default group (idempotent).
@@ -20,8 +22,9 @@ def init_vllm_tp() -> None:
     segments after ``VLLM_DIST_IDENT`` (set by vLLM's CPU worker); if it is unset, ranks
     agree on one through the default group."""
     import torch.distributed as dist
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
+    VllmConfig = _compat.symbol("VllmConfig")
+    set_current_vllm_config = _compat.symbol("set_current_vllm_config")
+    ps = _compat.symbol("parallel_state")
     if ps.model_parallel_is_initialized():
         return
     if not dist.is_initialized():
@@ -31,8 +34,8 @@ def init_vllm_tp() -> None:
         ident = [f"flashcomm-{os.getpid()}"]
         dist.broadcast_object_list(ident, src=0)  # rank-invariant: rank 0's name
         os.environ["VLLM_DIST_IDENT"] = ident[0]
-    from vllm.platforms import current_platform
-    current_platform.import_kernels()  # vLLM's C ops (its CPU shared-memory all-reduce)
+    # vLLM's C ops (its CPU shared-memory all-reduce)
+    _compat.symbol("current_platform").import_kernels()
     rank, world = dist.get_rank(), dist.get_world_size()
     with set_current_vllm_config(VllmConfig()):
         ps.init_distributed_environment(world, rank, "env://", local_rank=rank,
@@ -43,20 +46,17 @@ def init_vllm_tp() -> None:
 def vllm_tp_transport() -> str:
     """What vLLM's TP group all-reduces with: ``"cpu-shm"`` (its shared-memory
     communicator), or the name of the module / class it falls back to."""
-    from vllm.distributed import get_tp_group
-    comm = get_tp_group().device_communicator
-    mod = getattr(comm, "dist_module", None)
-    if mod is not None and type(mod).__name__ == "_CPUSHMDistributed":
+    comm = _compat.symbol("get_tp_group")().device_communicator
+    if _compat.uses_cpu_shm_all_reduce(comm):
         return "cpu-shm"
+    mod = getattr(comm, "dist_module", None)
     return type(comm).__name__ if mod is None else getattr(mod, "__name__", type(mod).__name__)
 
 
 def destroy_vllm_tp() -> bool:
     """Release vLLM's groups made by :func:`init_vllm_tp`; the default group stays."""
-    from vllm.distributed import parallel_state as ps
+    ps = _compat.symbol("parallel_state")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if ps._WORLD is not None:
-        ps._WORLD.destroy()
-        ps._WORLD = None
+    _compat.clear_world_group()
     return True

@@ -22,7 +22,7 @@ every rank and every mode holds slices of the same model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import sp
-from .ops import group_name as resolve_group_name
-from .reference import quantize_dynamic, quantize_weight_per_channel
-from .weights import is_packed, prepare_linear
+from flashcomm import sp
+from flashcomm.ops import group_name as resolve_group_name
+from flashcomm.tools.reference import quantize_dynamic, quantize_weight_per_channel
+from flashcomm.weights import is_packed, prepare_linear
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,19 @@ class ModelConfig:
                                  f"by tp={tp}")
 
 
+# The tests' model: every layer small enough for many multi-rank cases.
 TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=4, head_dim=16)
+# The demo's, the benchmarks' and the tuner's model (their --hidden / --layers scale it).
+DEMO_MODEL = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=2,
+                         num_heads=8, num_kv_heads=4, head_dim=64)
+
+
+def scaled_demo_model(hidden_size: int, num_layers: int) -> ModelConfig:
+    """:data:`DEMO_MODEL` with ``hidden_size`` (intermediate = 2x hidden, head_dim =
+    hidden / heads) and ``num_layers``: the model of the CLI's ``--hidden`` / ``--layers``."""
+    return replace(DEMO_MODEL, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                   num_layers=num_layers, head_dim=max(1, hidden_size // DEMO_MODEL.num_heads))
 
 
 def full_weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -315,5 +326,5 @@ def build_model(cfg: ModelConfig, mode: str, prepare: bool = True, **kwargs) -> 
     return model.prepare() if prepare else model
 
 
-__all__ = ["MODES", "TINY", "DecoderModel", "ModelConfig", "add_rms_norm", "apply_rope",
-           "build_model", "full_weights", "rope_tables"]
+__all__ = ["DEMO_MODEL", "MODES", "TINY", "DecoderModel", "ModelConfig", "add_rms_norm",
+           "apply_rope", "build_model", "full_weights", "rope_tables", "scaled_demo_model"]

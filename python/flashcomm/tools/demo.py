@@ -12,14 +12,13 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
-from flashcomm.reference import (feature_slice, gemm_rs_reference, gemm_rs_w8a8_reference,
-                                 quantize_weight_per_channel, relative_error, token_shard,
-                                 w8a8_linear)
-from flashcomm.testing import RankPool
+from flashcomm.tools.reference import (feature_slice, gemm_rs_reference, gemm_rs_w8a8_reference,
+                                       quantize_weight_per_channel, relative_error, token_shard,
+                                       w8a8_linear)
+from flashcomm.tools.testing import RankPool
+from flashcomm.tuning import OPS
 
 logger = logging.getLogger(__name__)
-
-OPS = ("gemm_rs", "ag_gemm", "gemm_rs_w8a8", "ag_gemm_w8a8")
 
 
 @dataclass

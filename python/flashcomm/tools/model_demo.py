@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import flashcomm
-from flashcomm.models import ModelConfig, build_model
-from flashcomm.testing import RankPool
+from flashcomm.tools.models import DEMO_MODEL, ModelConfig, build_model
+from flashcomm.tools.testing import RankPool
 
 logger = logging.getLogger(__name__)
-
-DEMO_MODEL = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=2,
-                         num_heads=8, num_kv_heads=4, head_dim=64)
 
 
 @dataclass
@@ -109,10 +106,10 @@ def _step_on_rank(n: int, repeats: int):
 def run_model_demo(cfg: ModelDemoConfig) -> list[ModelDemoRow]:
     """Runs the demo on cfg.tp spawned ranks; returns one row per token count."""
     rows: list[ModelDemoRow] = []
-    with RankPool(cfg.tp, timeout_s=900) as pool:
+    with RankPool(cfg.tp, timeout_s=900) as pool, tqdm(total=len(cfg.tokens)) as bar:
         pool.run(_setup_on_rank, cfg)
-        for i, n in enumerate(cfg.tokens):
-            _progress(i, len(cfg.tokens), n)
+        for n in cfg.tokens:
+            bar.set_description(f"n={n}")
             per_rank = pool.run(_step_on_rank, n, cfg.repeats)
             modes = {r[0] for r in per_rank}
             if len(modes) != 1:
@@ -123,18 +120,9 @@ def run_model_demo(cfg: ModelDemoConfig) -> list[ModelDemoRow]:
                 flashcomm_ms=max(r[2] for r in per_rank),  # a step ends when the slowest rank does
                 plain_tp_ms=max(r[3] for r in per_rank),
                 max_abs_diff=max(r[4] for r in per_rank), graphs=graphs))
-        _progress(len(cfg.tokens), len(cfg.tokens), None)
+            bar.update()
+        bar.set_description("done")
     return rows
-
-
-def _progress(done: int, total: int, n: Optional[int]) -> None:
-    width = 30
-    filled = width * done // total
-    what = f"n={n}" if n is not None else "done"
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<10}")
-    if n is None:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def format_model_table(rows: list[ModelDemoRow], cfg: ModelDemoConfig) -> str:

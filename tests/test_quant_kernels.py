@@ -14,9 +14,6 @@ kernels must match it **bitwise**, NaN positions included.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from typing import Optional
 
 import pytest
@@ -24,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 import flashcomm
+
+from _isa import ISAS, check_requested_isa_is_active, rerun_module_with_isa
 from flashcomm.weights import packing_supported, prepare_linear
 
 # dynamic: per-token from float x; static(_asym): per-tensor scale (+ zero point);
@@ -37,7 +36,6 @@ K_SIZES = [1, 7, 16, 17, 512 + 3]
 ROW_COUNTS = [0, 1, 16, 17, 200]
 N = 37  # a vector or two of output columns plus a ragged tail, for every ISA
 WEIGHTS = ["plain", "packed"]
-ISAS = ["default", "avx2", "avx512"]
 NAN, INF = float("nan"), float("inf")
 STATIC_SCALE = 0.05
 ZERO_POINT = 7
@@ -295,20 +293,7 @@ def test_larger_blocks(group_name):
 # --- every ISA variant ---------------------------------------------------------
 
 def test_requested_isa_is_active():
-    """In an ISA child: ATen (whose capability flashcomm's kernel tables follow)
-    runs the ISA the parent asked for."""
-    requested = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not os.environ.get(_CHILD_ENV) or not requested:
-        pytest.skip("only in an ISA child process")
-    assert torch.backends.cpu.get_cpu_capability().lower() == requested
-
-
-def _machine_isas() -> list[str]:
-    """The ISA variants this machine and torch can run (ATen's own detection)."""
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    if best not in ISAS:  # another architecture: only the portable variant exists
-        return ["default"]
-    return ISAS[: ISAS.index(best) + 1]
+    check_requested_isa_is_active(_CHILD_ENV)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -316,15 +301,4 @@ def test_isa_variant(isa):
     """Reruns the kernel tests of this module in a child forced to one ISA
     (ATEN_CPU_CAPABILITY), so every compiled variant is checked on this machine."""
     child_skip()
-    if isa not in _machine_isas():
-        pytest.skip(f"this CPU/torch runs only {_machine_isas()}, not {isa}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, **{_CHILD_ENV: "1"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not isa_variant"],
-        env=env, capture_output=True, text=True, timeout=1800)
-    report = f"{isa}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert proc.returncode == 0, report
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    # The kernel cases plus the ISA check itself, not a run that skipped everything.
-    assert passed is not None and int(passed.group(1)) > len(K_SIZES) * len(OUT_DTYPES), report
+    rerun_module_with_isa(__file__, isa, _CHILD_ENV, "isa_variant", len(K_SIZES) * len(OUT_DTYPES))

@@ -13,27 +13,20 @@ import torch.distributed as dist
 import flashcomm
 from flashcomm.tools.testing import RankPool
 
+from _cases import error_of
 from conftest import TRANSPORTS
-
-
-def _error_of(fn, *args, **kwargs) -> str:
-    try:
-        fn(*args, **kwargs)
-    except RuntimeError as e:
-        return str(e)
-    return "<no error>"
 
 
 def _first_use_with_rank_threshold(thresholds):
     rank = dist.get_rank()
     x, w = torch.randn(6, 8), torch.randn(4, 8)
-    return _error_of(flashcomm.gemm_rs, x, w, None, None, thresholds[rank])
+    return error_of(flashcomm.gemm_rs, x, w, None, None, thresholds[rank])
 
 
 def _first_use_after_rank_config(configs):
     flashcomm.set_pipeline_config(*configs[dist.get_rank()])
     x, w = torch.randn(6, 8), torch.randn(6, 8)
-    return _error_of(flashcomm.sp_column_linear, x, w, None, None, 1000)
+    return error_of(flashcomm.sp_column_linear, x, w, None, None, 1000)
 
 
 def _first_use_after_rank_table(entries):
@@ -43,13 +36,13 @@ def _first_use_after_rank_table(entries):
         torch.ops.flashcomm.set_auto_threshold(op, k, n, tp, dtype, threshold)
     try:
         x, w = torch.randn(6, 8), torch.randn(4, 8)
-        return _error_of(flashcomm.gemm_rs, x, w, None, None, -1)
+        return error_of(flashcomm.gemm_rs, x, w, None, None, -1)
     finally:
         torch.ops.flashcomm.clear_auto_thresholds()
 
 
 def _init_with_rank_sp_threshold(values):
-    return _error_of(flashcomm.init, None, sp_threshold=values[dist.get_rank()], enabled=True)
+    return error_of(flashcomm.init, None, sp_threshold=values[dist.get_rank()], enabled=True)
 
 
 def _fresh_pool(timeout_s: float = 60.0, transport: str = "auto") -> RankPool:
@@ -116,7 +109,7 @@ def _one_rank_skips(n: int):
     if rank == 1:
         return "skipped", 0.0
     start = time.monotonic()
-    msg = _error_of(flashcomm.gemm_rs, x, w)
+    msg = error_of(flashcomm.gemm_rs, x, w)
     return msg, time.monotonic() - start
 
 

@@ -21,20 +21,12 @@ import flashcomm
 from flashcomm.tools.reference import quantize_weight_per_channel, relative_error
 from flashcomm.tools.testing import free_port
 
-from _cases import rank_and_size
+from _cases import error_of, rank_and_size
 
 
 def _shm_entries() -> list[str]:
     """flashcomm's names in /dev/shm (every segment is unlinked once mapped)."""
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith("fc-"))
-
-
-def _error_of(fn, *args, **kwargs) -> str:
-    try:
-        fn(*args, **kwargs)
-    except RuntimeError as e:
-        return str(e)
-    return "<no error>"
 
 
 def _fresh_group(transport: str | None = None) -> dist.ProcessGroup:
@@ -95,7 +87,7 @@ def _first_use_with_unmappable_rank(bad_rank, requested):
         os.environ["FLASHCOMM_DEBUG_SHM_UNMAPPABLE"] = "1"
     try:
         g = _fresh_group(requested)
-        msg = _error_of(_row_linear_on, g)
+        msg = error_of(_row_linear_on, g)
         dist.barrier()  # every rank is past its set-up before anyone lists /dev/shm
         return msg, flashcomm.transport(g), _shm_entries()
     finally:
@@ -119,7 +111,7 @@ def test_required_shm_that_cannot_be_mapped_is_an_error_on_every_rank(rank_pools
 
 def _first_use_with_rank_transport(requests):
     g = _fresh_group(requests[dist.get_rank()])
-    return _error_of(_row_linear_on, g)
+    return error_of(_row_linear_on, g)
 
 
 def test_ranks_asking_for_different_transports_fail_at_first_use(rank_pools):
@@ -137,7 +129,7 @@ def _rank_token_counts(ns, transport, debug_check):
     try:
         g = _fresh_group(transport)
         flashcomm.init(g, sp_threshold=1000, threshold=-1, enabled=True)
-        return _error_of(_row_linear_on, g, ns[dist.get_rank()], 1000)
+        return error_of(_row_linear_on, g, ns[dist.get_rank()], 1000)
     finally:
         os.environ.pop("FLASHCOMM_DEBUG_CHECK", None)
 
@@ -163,7 +155,7 @@ def _rank_sizes_differ(transport):
     rank, _ = rank_and_size()
     flashcomm.init(g)
     x = torch.randn(8 + 8 * rank, 16)  # a different message size on each rank
-    return _error_of(flashcomm.sp_reduce, x, g, 0)
+    return error_of(flashcomm.sp_reduce, x, g, 0)
 
 
 def test_different_message_sizes_fail_on_every_rank_over_shared_memory(rank_pools):
@@ -245,7 +237,7 @@ def test_messages_over_the_budget_stream_exactly(rank_pools, tp):
 def _exception_after_setup():
     g = _fresh_group("shm")
     _row_linear_on(g)
-    err = _error_of(flashcomm.sp_row_linear, torch.randn(4, 8), torch.randn(4, 9), None, g)
+    err = error_of(flashcomm.sp_row_linear, torch.randn(4, 8), torch.randn(4, 9), None, g)
     dist.barrier()
     return err, _shm_entries()
 
@@ -267,7 +259,7 @@ def _killed_rank_worker(rank, port, results):
         time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)  # dies while rank 0 waits in the collective
     start = time.monotonic()
-    msg = _error_of(flashcomm.sp_reduce, x, None, 0)
+    msg = error_of(flashcomm.sp_reduce, x, None, 0)
     results.put(("error", rank, (msg, time.monotonic() - start)))
 
 

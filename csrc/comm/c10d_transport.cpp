@@ -22,8 +22,7 @@ void wait_work(const Work& work, const CallInfo& call, const c10d::ProcessGroup&
   try {
     work->wait();
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, call.op, ": collective on group '", name, "' (size ", pg.getSize(),
-                ", rank ", pg.getRank(), ") failed: ", e.what());
+    fail_collective(call.op, name, pg.getSize(), pg.getRank(), "", e);
   }
 }
 

@@ -105,6 +105,12 @@ std::string key_of(const ProcessGroupPtr& pg) {
 
 }  // namespace
 
+void fail_collective(const char* op, const std::string& group, int64_t size, int64_t rank,
+                     const char* how, const std::exception& e) {
+  TORCH_CHECK(false, op, ": collective on group '", group, "' (size ", size, ", rank ", rank,
+              ") failed", how, ": ", e.what());
+}
+
 Group make_group(ProcessGroupPtr pg, std::string name, const char* op) {
   TORCH_CHECK(pg, op, ": null ProcessGroup");
   Group g;
@@ -227,8 +233,7 @@ std::vector<int64_t> exchange_over_process_group(const Group& g, const at::Tenso
   try {
     work->wait();
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, op, ": collective on group '", g.name(), "' (size ", g.size(), ", rank ",
-                g.rank(), ") failed: ", e.what());
+    fail_collective(op, g.name(), g.size(), g.rank(), "", e);
   }
   all = all.to(at::kCPU).to(at::kLong).contiguous();
   return std::vector<int64_t>(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());

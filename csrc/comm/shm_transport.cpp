@@ -95,8 +95,7 @@ class ShmTransport final : public Transport {
     try {
       return fn();
     } catch (const shm::ShmError& e) {
-      TORCH_CHECK(false, call.op, ": collective on group '", name_, "' (size ", size(),
-                  ", rank ", rank(), ") failed on the shared-memory transport: ", e.what());
+      fail_collective(call.op, name_, size(), rank(), " on the shared-memory transport", e);
     }
   }
 
@@ -139,6 +138,11 @@ class ShmTransport final : public Transport {
                                               const CallInfo& call, int piece) override;
 
  private:
+  using Step = shm::Channel::Step;
+  template <typename Write, typename Read>
+  void stream(const Fingerprint& fp, int64_t total, int64_t per_piece, const CallInfo& call,
+              Write write, Read read);
+
   // Elements of one piece of a streamed collective moving `lanes` equal lanes
   // (per rank) of `elem` bytes each through one slot.
   int64_t piece_elems(int64_t lanes, int64_t elem) const {
@@ -265,76 +269,82 @@ std::unique_ptr<GatherStep> ShmTransport::all_gather_step(int64_t block_rows, in
 
 // --- plain collectives, streamed through the slots -------------------------------------------
 
-void ShmTransport::all_reduce(at::Tensor& t, const CallInfo& call) {
-  if (!t.device().is_cpu()) return fallback_->all_reduce(t, call);
-  TORCH_INTERNAL_ASSERT(t.is_contiguous());
-  const int64_t elem = t.element_size(), total = t.numel();
-  const Fingerprint fp = make_fingerprint(Collective::kAllReduce, t, call, next_call());
-  const int64_t per_piece = piece_elems(1, elem);
-  uint8_t* data = static_cast<uint8_t*>(t.data_ptr());
+// A plain collective, streamed: `total` elements of each lane in pieces of at most
+// `per_piece`, one step each: write(step, offset, count) fills this rank's slot, then
+// every rank publishes, waits for every peer, read(step, offset, count) takes what it
+// needs from the slots, and finishes the step.
+template <typename Write, typename Read>
+void ShmTransport::stream(const Fingerprint& fp, int64_t total, int64_t per_piece,
+                          const CallInfo& call, Write write, Read read) {
   int piece = 0;
   for (int64_t off = 0; off < total; off += per_piece, ++piece) {
     const int64_t count = std::min(per_piece, total - off);
     const auto step = begin(fp, piece, call);
     guard(call, [&] {
-      std::memcpy(slot(rank(), step), data + off * elem, count * elem);
+      write(step, off, count);
       channel_->publish(step);
       channel_->wait_all(step);
-      // Every rank sums the same slots in the same order: bitwise-equal results.
-      reduce_slots(step, 0, count, t.scalar_type(), data + off * elem);
+      read(step, off, count);
       channel_->finish(step);
     });
   }
+}
+
+void ShmTransport::all_reduce(at::Tensor& t, const CallInfo& call) {
+  if (!t.device().is_cpu()) return fallback_->all_reduce(t, call);
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  const int64_t elem = t.element_size();
+  uint8_t* data = static_cast<uint8_t*>(t.data_ptr());
+  stream(
+      make_fingerprint(Collective::kAllReduce, t, call, next_call()), t.numel(),
+      piece_elems(1, elem), call,
+      [&](const Step& step, int64_t off, int64_t count) {
+        std::memcpy(slot(rank(), step), data + off * elem, count * elem);
+      },
+      // Every rank sums the same slots in the same order: bitwise-equal results.
+      [&](const Step& step, int64_t off, int64_t count) {
+        reduce_slots(step, 0, count, t.scalar_type(), data + off * elem);
+      });
 }
 
 void ShmTransport::reduce_scatter(at::Tensor& out, const at::Tensor& in, const CallInfo& call) {
   if (!in.device().is_cpu()) return fallback_->reduce_scatter(out, in, call);
   TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t elem = in.element_size(), block = out.numel();
-  const Fingerprint fp = make_fingerprint(Collective::kReduceScatter, in, call, next_call());
-  const int64_t per_piece = piece_elems(size(), elem);
   const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
-  int piece = 0;
-  for (int64_t off = 0; off < block; off += per_piece, ++piece) {
-    const int64_t count = std::min(per_piece, block - off);
-    const auto step = begin(fp, piece, call);
-    guard(call, [&] {
+  stream(
+      make_fingerprint(Collective::kReduceScatter, in, call, next_call()), block,
+      piece_elems(size(), elem), call,
       // Slot layout of a piece: lane d = elements [off, off + count) of block d.
-      for (int64_t d = 0; d < size(); ++d) {
-        std::memcpy(slot(rank(), step) + d * count * elem, src + (d * block + off) * elem,
-                    count * elem);
-      }
-      channel_->publish(step);
-      channel_->wait_all(step);
-      reduce_slots(step, rank() * count * elem, count, in.scalar_type(), dst + off * elem);
-      channel_->finish(step);
-    });
-  }
+      [&](const Step& step, int64_t off, int64_t count) {
+        for (int64_t d = 0; d < size(); ++d) {
+          std::memcpy(slot(rank(), step) + d * count * elem, src + (d * block + off) * elem,
+                      count * elem);
+        }
+      },
+      [&](const Step& step, int64_t off, int64_t count) {
+        reduce_slots(step, rank() * count * elem, count, in.scalar_type(), dst + off * elem);
+      });
 }
 
 void ShmTransport::all_gather(at::Tensor& out, const at::Tensor& in, const CallInfo& call) {
   if (!in.device().is_cpu()) return fallback_->all_gather(out, in, call);
   TORCH_INTERNAL_ASSERT(in.is_contiguous() && out.is_contiguous());
   const int64_t elem = in.element_size(), block = in.numel();
-  const Fingerprint fp = make_fingerprint(Collective::kAllGather, in, call, next_call());
-  const int64_t per_piece = piece_elems(1, elem);
   const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
-  int piece = 0;
-  for (int64_t off = 0; off < block; off += per_piece, ++piece) {
-    const int64_t count = std::min(per_piece, block - off);
-    const auto step = begin(fp, piece, call);
-    guard(call, [&] {
-      std::memcpy(slot(rank(), step), src + off * elem, count * elem);
-      channel_->publish(step);
-      for (int64_t d = 0; d < size(); ++d) {
-        channel_->wait_peer(step, static_cast<int>(d));
-        std::memcpy(dst + (d * block + off) * elem, slot(d, step), count * elem);
-      }
-      channel_->finish(step);
-    });
-  }
+  stream(
+      make_fingerprint(Collective::kAllGather, in, call, next_call()), block,
+      piece_elems(1, elem), call,
+      [&](const Step& step, int64_t off, int64_t count) {
+        std::memcpy(slot(rank(), step), src + off * elem, count * elem);
+      },
+      [&](const Step& step, int64_t off, int64_t count) {
+        for (int64_t d = 0; d < size(); ++d) {
+          std::memcpy(dst + (d * block + off) * elem, slot(d, step), count * elem);
+        }
+      });
 }
 
 // --- set-up ---------------------------------------------------------------------------------

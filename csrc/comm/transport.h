@@ -1,4 +1,4 @@
-// Transports: how the ranks of one group move the ops' data (DESIGN.md "Transports").
+// Transports: how the ranks of one group move the ops' data (docs/DESIGN.md section 5).
 //
 //   c10d   any ProcessGroup (gloo, NCCL, HCCL): the transport across hosts and on
 //          accelerators, and the fallback everywhere.
@@ -31,6 +31,11 @@ struct CallInfo {
   int8_t mode = -1;              // core::Mode of a layout-invariant op, -1 if none
   int8_t strategy = -1;          // core::Strategy of a compact kernel, -1 if none
 };
+
+// Rethrows a failed collective as the error every transport gives: "<op>: collective
+// on group '<name>' (size S, rank R) failed<how>: <what>".
+[[noreturn]] void fail_collective(const char* op, const std::string& group, int64_t size,
+                                  int64_t rank, const char* how, const std::exception& e);
 
 enum class Collective : uint8_t {
   kAllReduce = 1,

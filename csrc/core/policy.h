@@ -1,6 +1,6 @@
 // Kernel-strategy policy of the compact ops. Torch-free.
 //
-// Invariant (DESIGN.md section 4): every input of these functions is
+// Invariant (docs/DESIGN.md section 4): every input of these functions is
 // rank-invariant -- the global token count, the group size, op shapes and the
 // process-wide configuration, which is verified identical across ranks -- so
 // every rank picks the same strategy and issues the same collectives.
@@ -32,7 +32,7 @@ using ::flashcomm::kDefaultThreshold;
 Strategy choose_strategy(int64_t n_global, int64_t tp, int64_t threshold, bool enabled,
                          bool force_collectives = false);
 
-// Layout mode of the layout-invariant ops (DESIGN.md section 3): replicated =
+// Layout mode of the layout-invariant ops (docs/DESIGN.md section 3): replicated =
 // all token rows valid on every rank (plain TP); sharded = rank r's owned rows
 // valid. One model-wide sp_threshold, identical in every op of a forward pass.
 enum class Mode : int { kReplicated = 0, kSharded = 1 };

@@ -1,4 +1,4 @@
-// W8A8 primitives. Conventions (DESIGN.md section 5), the numerics contract of
+// W8A8 primitives. Conventions (docs/DESIGN.md section 6), the numerics contract of
 // every device and kernel:
 //   static:   q = clamp(round_half_even(x / s) + zp, -128, 127) (the sum in fp32),
 //             x ~= s * (q - zp); NaN -> 0, +-Inf and out-of-range values saturate

@@ -250,11 +250,12 @@ def _start_stats_writer(path: str, converted: int, spt: int, record: dict[str, A
 
 def worker_stats(worker=None) -> dict:
     """For ``LLM.collective_rpc(worker_stats)``: this worker's flashcomm counters, how
-    many modules flashcomm converted, torch.compile's counters (to check that no
-    recompilation happened) and the compile backend vLLM used."""
+    many modules flashcomm converted, the transport of the TP group ("shm" / "c10d"),
+    torch.compile's counters (to check that no recompilation happened) and the compile
+    backend vLLM used."""
     import flashcomm
     out = {"pid": os.getpid(), "stats": flashcomm.stats(), "converted": 0,
-           "all_reduce_provider": "", "compile_backend": None}
+           "all_reduce_provider": "", "transport": "", "compile_backend": None}
     try:
         from torch._dynamo.utils import counters
         out["dynamo"] = {k: dict(v) for k, v in counters.items()
@@ -279,6 +280,7 @@ def worker_stats(worker=None) -> dict:
         tp = _compat.symbol("get_tp_group")()
         out["rank"] = tp.rank_in_group
         out["all_reduce_provider"] = flashcomm.all_reduce_provider(tp.device_group.group_name)
+        out["transport"] = flashcomm.transport(tp.device_group.group_name)
     except Exception:
         out["rank"] = None
     return out

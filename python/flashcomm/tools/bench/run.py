@@ -39,6 +39,7 @@ class BenchConfig:
     threads_per_rank: Optional[int] = None
     table: Optional[str] = None  # tuning table path; auto = its thresholds
     backend: str = "aot_eager"
+    transport: str = "auto"  # FLASHCOMM_TRANSPORT of the ranks: auto, shm or c10d
     json_path: Optional[str] = "flashcomm_bench.json"
     plot: Optional[str] = "flashcomm_bench.png"
 
@@ -85,7 +86,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"config": config, "ops": [], "gemm": [], "chunks": [],
                               "model": [], "w8a8_bytes": []}
     t_start = time.time()
-    with RankPool(cfg.tp, timeout_s=900, threads_per_rank=cfg.threads_per_rank) as pool, \
+    with RankPool(cfg.tp, timeout_s=900, threads_per_rank=cfg.threads_per_rank,
+                  env={"FLASHCOMM_TRANSPORT": cfg.transport}) as pool, \
             tqdm(total=total, disable=not progress, unit="point") as bar:
         result["machine"] = timing.machine_info(pool)
         fingerprint = _agreed(pool.run(cases.apply_table_on_rank, table_json), "the tuning table")

@@ -20,22 +20,27 @@ layers -- per layer, in one real vLLM TP group (2 spawned ranks, 1 thread each, 
             plugin's default provider) and, "own", through flashcomm's own transport
             (FLASHCOMM_VLLM_ALL_REDUCE=0: no provider);
     norm    vLLM: torch.ops._C.fused_add_rms_norm (in place, on the same buffers every
-            repeat) and vLLM's RMSNorm layer (its CPU forward, eager);
-            flashcomm: sp_add_rms_norm(gather=True) (replicated: local; sharded: owned
-            rows, then an all-gather);
+            repeat) and vLLM's RMSNorm layer (its CPU forward, eager: native torch ops;
+            inside the engine Inductor compiles it);
+            flashcomm: sp_add_rms_norm(gather=True), the op alone and through the
+            FlashcommRMSNorm layer (replicated: local; sharded: owned rows, then an
+            all-gather);
     ar      the all-reduce alone: vLLM's tensor_model_parallel_all_reduce against
             flashcomm's sp_reduce held replicated, on its own transport and through the
             vLLM provider;
     pair    for n above the threshold: row then norm, what a layer boundary costs
-            (vLLM: row + _C.fused_add_rms_norm; flashcomm: converted row + norm).
+            (vLLM: row + _C.fused_add_rms_norm; flashcomm: converted row + norm layer).
   Timing: every call alone, after a gloo barrier and a one-element flashcomm
-  shared-memory all-reduce (so the ranks start within microseconds of each other; the
-  barrier alone leaves them up to ~0.1 ms apart, which the first collective would
-  absorb); variants round robin, the order rotated every repeat; --warmup calls first;
-  per repeat the slowest rank; the median over --repeats. The ratio is flashcomm / vLLM;
-  "target" is issue 11's (replicated row <= 1.03x vLLM's layer; norm <= 1.1x vLLM's
-  fused_add_rms_norm); "max|d|" is the largest difference between the two sides'
-  outputs (every row replicated, the owned rows sharded), computed once before timing.
+  shared-memory all-reduce (the ranks leave a gloo barrier at different times, and the
+  first collective of the timed call would absorb that skew; they leave a shared-memory
+  all-reduce almost together); variants round robin, the order rotated every repeat;
+  --warmup calls first; per repeat the slowest rank; the median over --repeats. The ratio
+  is flashcomm / vLLM; "target" is issue 11's (replicated row <= 1.03x vLLM's layer;
+  norm <= 1.1x vLLM's fused_add_rms_norm); "max|d|" is the largest difference between
+  the two sides' outputs (replicated: every row; sharded: the owned rows, and every row
+  of the gathered norm), computed once before timing. vLLM's shared-memory all-reduce waits
+  by spinning: with more runnable threads than cores its times grow many-fold, so read
+  the load averages first.
 
 e2e -- vllm.LLM end to end, the engine in its own process (benchmarks/
   vllm_bench_engine.py), vLLM's default compile on CPU (Inductor; --compile eager sets
@@ -69,6 +74,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -322,7 +328,8 @@ def _build_layers(kind: str, hidden: int, dtype, g, groups: dict[str, str],
     o_row._fc_state = fl.FcState(groups["own"], sp_threshold, w8a8=w8a8, engine_gemm=True)
     for m in (v_row, f_row, o_row):
         m.quant_method.process_weights_after_loading(m)
-    norm_weight = 1.0 + 0.1 * torch.randn(hidden, generator=g)
+    # Norm weights are replicated: the same on every rank.
+    norm_weight = 1.0 + 0.1 * torch.randn(hidden, generator=torch.Generator().manual_seed(hidden))
     v_norm = RMSNorm(hidden, eps=EPS)
     f_norm = fl.FlashcommRMSNorm(hidden, eps=EPS)
     for m in (v_norm, f_norm):
@@ -374,7 +381,7 @@ def _time_case(n: int, hidden: int, dtype, L: dict[str, Any], g, groups: dict[st
     diffs["norm"] = _max_diff(normed, hv, (0, n))  # gather=True: every row valid
     diffs["norm_residual"] = _max_diff(res, rv, valid)
     diffs["norm_op"] = diffs["norm"]  # the same op, called without the layer
-    diffs["norm_layer"] = _max_diff(L["v_norm"](h.clone(), resid.clone())[0], hv, (0, n))
+    diffs["norm_layer"] = _max_diff(L["v_norm"](h.clone(), resid.clone())[0], normed, (0, n))
 
     # vLLM's norms run in place on the same buffers every repeat (the residual grows by
     # one normed row per call: no overflow within any sensible number of repeats).
@@ -446,7 +453,8 @@ def run_layers(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, A
                                 args.repeats, args.warmup, args.sp_threshold,
                                 timeout_s=7200)
         finally:
-            pool.run(destroy_vllm_tp)
+            if not pool.broken:
+                pool.run(destroy_vllm_tp)
     load_after = load_average()
     info = per_rank[0]["info"]
     rows = []
@@ -477,6 +485,8 @@ def run_layers(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, A
             f"own {info['flashcomm_own_transport']}")
     print(head)
     _print_layers(rows)
+    print("\nratio = flashcomm / vLLM; target: issue 11's; max|d|: largest output difference "
+          "of the two sides (sharded: owned rows; the gathered norm: every row).")
     return {"part": "layers", "machine": machine, "load_before": load_before,
             "load_after": load_after, "tp": args.tp, "hidden": args.hidden,
             "kinds": args.kinds, "tokens": args.tokens, "repeats": args.repeats,
@@ -495,11 +505,10 @@ def _print_layers(rows: list[dict[str, Any]]) -> None:
                   f" -> N={row['hidden']} (ratio = flashcomm / vLLM)")
             print(f"{'n':>5} {'mode':<10} {'vLLM | flashcomm':<{label_w}} {'vLLM ms':>9} "
                   f"{'fc ms':>9} {'ratio':>6} {'target':>9} {'max|d|':>8}")
-        for key_c, *_rest in COMPARISONS:
+        for key_c, _, _, label, _, _ in COMPARISONS:
             c = row["comparisons"].get(key_c)
             if c is None:
                 continue
-            label = next(lab for k, _, _, lab, _, _ in COMPARISONS if k == key_c)
             target = "-" if c["target"] is None else (
                 f"{c['target']:.2f} {'ok' if c['ratio'] <= c['target'] else 'OVER'}")
             diff = "-" if c["max_diff"] is None else f"{c['max_diff']:.1e}"
@@ -535,9 +544,22 @@ def _run_engine(tmp: Path, model: Path, kind: str, variant: str, round_: int,
            "--decode-tokens", str(args.decode_tokens), "--warmups", str(args.warmups),
            "--repeats", str(args.repeats)]
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(tmp),
-                          timeout=args.engine_timeout)
-    log = proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=str(tmp))
+    try:
+        log, _ = proc.communicate(timeout=args.engine_timeout)
+    except subprocess.TimeoutExpired:
+        # The engine's own processes (engine core, workers) go with it.
+        for pid in [*tv.descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log, _ = proc.communicate()
+        (tmp / (out.stem + ".log")).write_text(log)
+        raise RuntimeError(f"engine {kind}/{variant} (round {round_}) took more than "
+                           f"{args.engine_timeout} s (--engine-timeout); log tail:\n"
+                           f"{log[-4000:]}") from None
     (tmp / (out.stem + ".log")).write_text(log)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"engine {kind}/{variant} (round {round_}) failed, exit "
@@ -575,6 +597,9 @@ def run_e2e(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]
     load_before = load_average()
     t_start = time.time()
     names = list(E2E_VARIANTS)
+    print(f"vllm_bench e2e: per engine as it ends (median of {args.repeats}); "
+          f"{machine_line(machine)}; load average before {_fmt_load(load_before)}",
+          flush=True)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory(prefix="vllm_bench_") as d:
         tmp = Path(args.keep_dir) if args.keep_dir else Path(d)
@@ -596,7 +621,7 @@ def run_e2e(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]
                           f"{res['decode_step_ms_median']:7.3f} ms  (engine {res['wall_s']} s, "
                           f"load {_fmt_load(res['load'])})", flush=True)
     load_after = load_average()
-    summary = _summarise_e2e(runs, args)
+    summary = _summarise_e2e(runs)
     head = (f"vllm_bench e2e: Llama hidden 512, 4 layers, tp={args.tp}, compile "
             f"{args.compile}, sp_threshold {args.sp_threshold}; prefill "
             f"{args.prefill_seqs} x {args.prefill_len} tokens (max_tokens=1), decode step of "
@@ -608,14 +633,16 @@ def run_e2e(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]
             f"{_fmt_load(load_after)}")
     print(head)
     _print_e2e(summary)
+    print("x off = variant / off (median over rounds); ids = off: greedy ids of the last "
+          "timed prefill and decode calls equal off's (else: sequences equal, worst round; "
+          "fp32 must match)")
     return {"part": "e2e", "machine": machine, "load_before": load_before,
             "load_after": load_after, "settings": {k: v for k, v in vars(args).items()
                                                    if k not in ("json", "func")},
             "summary": summary, "runs": runs}
 
 
-def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]],
-                   args: argparse.Namespace) -> dict[str, Any]:
+def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind, by_variant in runs.items():
         off = by_variant["off"]
@@ -628,6 +655,10 @@ def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]],
                    for m in ("prefill", "decode_step")}
             same = [r["ids_prefill"] == ref_prefill and r["ids_decode"] == ref_decode
                     for r in rs]
+            # Sequences (prefill + decode) whose greedy ids equal off's, worst round.
+            ref = ref_prefill + ref_decode
+            seqs_same = min(sum(a == b for a, b in zip(r["ids_prefill"] + r["ids_decode"],
+                                                       ref)) for r in rs)
             summ = [r["worker_summary"] for r in rs]
             out[kind][variant] = {
                 "prefill_ms": round(med["prefill"], 3),
@@ -637,6 +668,7 @@ def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]],
                 "per_round_prefill_ms": [round(r["prefill_ms_median"], 3) for r in rs],
                 "per_round_decode_step_ms": [round(r["decode_step_ms_median"], 4) for r in rs],
                 "ids_match_off": all(same), "ids_match_per_round": same,
+                "sequences_matching_off": f"{seqs_same}/{len(ref)}",
                 "both_modes_counted": all(s["both_modes"] for s in summ),
                 "transport": sorted({t for s in summ for t in s["transport"]}),
                 "all_reduce_provider": sorted({p for s in summ
@@ -649,7 +681,7 @@ def _summarise_e2e(runs: dict[str, dict[str, list[dict[str, Any]]]],
 
 def _print_e2e(summary: dict[str, Any]) -> None:
     print(f"{'kind':5} {'variant':8} {'prefill ms':>11} {'x off':>6} {'decode ms':>10} "
-          f"{'x off':>6} {'ids = off':>9}  flashcomm in the workers")
+          f"{'x off':>6} {'ids = off':>10}  flashcomm in the workers")
     for kind, by_variant in summary.items():
         for variant, s in by_variant.items():
             if variant == "off":
@@ -658,9 +690,10 @@ def _print_e2e(summary: dict[str, Any]) -> None:
                 fc = (f"{'both modes' if s['both_modes_counted'] else 'NOT BOTH MODES'}, "
                       f"transport {','.join(s['transport'])}, all-reduce "
                       f"{','.join(p for p in s['all_reduce_provider'] if p) or 'own'}")
-            ids = "yes" if s["ids_match_off"] else ("NO (must)" if kind == "fp32" else "no")
+            ids = "yes" if s["ids_match_off"] else (
+                f"{'NO' if kind == 'fp32' else 'no'} {s['sequences_matching_off']}")
             print(f"{kind:5} {variant:8} {s['prefill_ms']:>11.2f} {s['prefill_ratio']:>6.2f} "
-                  f"{s['decode_step_ms']:>10.3f} {s['decode_ratio']:>6.2f} {ids:>9}  {fc}")
+                  f"{s['decode_step_ms']:>10.3f} {s['decode_ratio']:>6.2f} {ids:>10}  {fc}")
 
 
 def e2e_failures(summary: dict[str, Any]) -> list[str]:

@@ -50,8 +50,9 @@ e2e -- vllm.LLM end to end, the engine in its own process (benchmarks/
   tensors int8 dynamic per-token, served in bf16). Prefill: 4 x 512 tokens in one step,
   max_tokens=1 (2048 > FLASHCOMM_SP_THRESHOLD = 1000: sharded). Decode: one step of 8
   sequences (16-token prompts), (time of 33 tokens - time of 1) / 32 (replicated). Three
-  engines per round: "off" (vLLM alone), "on" (the plugin's default: replicated
-  all-reduces through vLLM's communicator), "on-own" (FLASHCOMM_VLLM_ALL_REDUCE=0:
+  engines per round: "off" (vLLM alone), "on" (FLASHCOMM_VLLM_ALL_REDUCE=1: replicated
+  all-reduces through vLLM's communicator), "on-own" (the plugin's default on CPU;
+  FLASHCOMM_VLLM_ALL_REDUCE=0:
   flashcomm's own shared-memory transport); the order rotates every round, --rounds
   rounds, each engine the median of --repeats after --warmups. Reported per variant: the
   median over rounds, the ratio to off, whether the greedy ids equal off's (fp32 must;

@@ -182,6 +182,19 @@ TORCH_LIBRARY(flashcomm, m) {
                      "bool enabled=True) -> Tensor",
                      flashcomm::sp_reduce, sp_reduce_meta);
 
+  // In place: normed -> x, new residual -> residual (engines whose inputs are dead after the norm).
+  FLASHCOMM_GROUP_OP(m, sp_add_rms_norm_,
+                     "sp_add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
+                     "str group_name, int sp_threshold={sp_threshold}, bool enabled=True, "
+                     "bool gather=False) -> ()",
+                     flashcomm::sp_add_rms_norm_, sp_add_rms_norm_meta_);
+
+  // In place: partial [n, N] -> all-reduced, or reduce-scattered into its owned rows.
+  FLASHCOMM_GROUP_OP(m, sp_reduce_,
+                     "sp_reduce_(Tensor(a!) partial, str group_name, "
+                     "int sp_threshold={sp_threshold}, bool enabled=True) -> ()",
+                     flashcomm::sp_reduce_, sp_reduce_meta_);
+
   // Makes every row of [n, H] valid: sharded mode all-gathers the owned rows; replicated copies.
   FLASHCOMM_GROUP_OP(m, sp_gather,
                      "sp_gather(Tensor x, str group_name, int sp_threshold={sp_threshold}, "

@@ -71,6 +71,20 @@ def _sp_norm(x, r, w, group=None):
     return lambda: torch.ops.flashcomm.sp_add_rms_norm(x, r, w, 1e-6, group or _g())
 
 
+def _sp_norm_(x, r, w, group=None):
+    return lambda: torch.ops.flashcomm.sp_add_rms_norm_(x, r, w, 1e-6, group or _g())
+
+
+def _sp_reduce(p, group=None, inplace=False):
+    op = torch.ops.flashcomm.sp_reduce_ if inplace else torch.ops.flashcomm.sp_reduce
+    return lambda: op(p, group or _g())
+
+
+def _shared_rows():
+    t = _t(8, K)
+    return t[:4], t[:4]
+
+
 # (case id, call builder, expected message regex). Built on the rank, by id.
 CASES = {
     "gemm_rs/x-1d": (lambda: _gemm_rs(_t(K), _t(N, K)), r"gemm_rs: x must be 2-D \[n, K_r\]"),
@@ -192,6 +206,19 @@ CASES = {
         lambda: functools.partial(flashcomm.set_all_reduce_provider, "nope", "vllm::all_reduce",
                                   "tp:0"),
         r"set_all_reduce_provider: unknown group_name 'nope'"),
+    "sp_add_rms_norm_/x-strided": (lambda: _sp_norm_(_t(K, 4).t(), _t(4, K), _t(K)),
+                                   r"sp_add_rms_norm_: x and residual must be contiguous"),
+    "sp_add_rms_norm_/shared": (lambda: _sp_norm_(*_shared_rows(), _t(K)),
+                                r"sp_add_rms_norm_: x and residual must not share memory"),
+    "sp_add_rms_norm_/residual-cols": (lambda: _sp_norm_(_t(4, K), _t(4, K + 1), _t(K)),
+                                       r"sp_add_rms_norm_: residual must have x's H = 16"),
+    "sp_reduce/1d": (lambda: _sp_reduce(_t(K)), r"sp_reduce: partial must be 2-D \[n, N\]"),
+    "sp_reduce/int": (lambda: _sp_reduce(_t(4, K, dtype=i32)),
+                      r"sp_reduce: partial must be floating point"),
+    "sp_reduce_/strided": (lambda: _sp_reduce(_t(K, 4).t(), inplace=True),
+                           r"sp_reduce_: partial must be contiguous"),
+    "sp_reduce/group": (lambda: _sp_reduce(_t(4, K), group="nope"),
+                        r"sp_reduce: unknown group_name 'nope'"),
     "sp_add_rms_norm/requires-grad": (lambda: _sp_norm(_t(4, K).requires_grad_(), None, _t(K)),
                                       r"sp_add_rms_norm: argument 'x' requires grad"),
 }
@@ -201,7 +228,8 @@ CASES = {
 FAKE_CASES = ["gemm_rs/k-mismatch", "gemm_rs/bias-len", "ag_gemm/num-tokens",
               "gemm_rs_w8a8/w-scale-shape", "ag_gemm_w8a8/w-float", "gemm_rs/group",
               "sp_row_linear/k-mismatch", "sp_add_rms_norm/residual-rows",
-              "sp_column_linear_w8a8/out-dtype"]
+              "sp_column_linear_w8a8/out-dtype", "sp_add_rms_norm_/residual-cols",
+              "sp_reduce/int"]
 
 
 def _error_on_rank(case_id: str, fake: bool) -> str:

@@ -79,13 +79,19 @@ def _column_on_rank(x_full, w_full, b_full, sp_threshold, w8a8, gather_output):
                 None, b, None, torch.float32, sp_threshold, True, -1, gather_output)
 
 
-def _norm_on_rank(x_full, residual_full, weight, sp_threshold, gather):
+def _norm_on_rank(x_full, residual_full, weight, sp_threshold, gather, inplace=False):
     n = x_full.shape[0]
     valid = _valid_rows(n, sp_threshold)
     x = _poisoned(x_full, valid)
     residual = None if residual_full is None else _poisoned(residual_full, valid)
-    return _run("sp_add_rms_norm", flashcomm.sp_add_rms_norm, x, residual, weight, EPS, None,
-                sp_threshold, True, gather)
+    if not inplace:
+        return _run("sp_add_rms_norm", flashcomm.sp_add_rms_norm, x, residual, weight, EPS,
+                    None, sp_threshold, True, gather)
+
+    def norm_in_place():  # normed -> x, new residual -> residual
+        flashcomm.sp_add_rms_norm_(x, residual, weight, EPS, None, sp_threshold, True, gather)
+        return x, residual
+    return _run("sp_add_rms_norm", norm_in_place)
 
 
 def _expected_mode(n, tp, sp_threshold):
@@ -176,11 +182,17 @@ def _norm_reference(x, residual, weight):
     return normed, s.to(x.dtype)
 
 
+# no residual; a residual, functional op; a residual, in-place op (normed -> x,
+# new residual -> residual; the in-place form always takes a residual).
+NORM_FORMS = ["no_residual", "residual", "residual_inplace"]
+
+
+@pytest.mark.parametrize("form", NORM_FORMS)
 @pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tp", TPS)
-def test_sp_add_rms_norm(ranks, tp, dtype, with_residual, gather):
+def test_sp_add_rms_norm(ranks, tp, dtype, gather, form):
+    with_residual = form != "no_residual"
     pool = ranks(tp)
     for n, sp_threshold in cases(tp):
         g = torch.Generator().manual_seed(n + 2)
@@ -189,19 +201,28 @@ def test_sp_add_rms_norm(ranks, tp, dtype, with_residual, gather):
         weight = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
         want_normed, want_residual = _norm_reference(x, residual, weight)
         mode = _expected_mode(n, tp, sp_threshold)
-        results = pool.run(_norm_on_rank, x, residual, weight, sp_threshold, gather)
+        results = pool.run(_norm_on_rank, x, residual, weight, sp_threshold, gather,
+                           form == "residual_inplace")
         assert want_normed.shape == (n, K)
         _check_norm_results(results, want_normed, want_residual, n, tp, mode, dtype, gather)
 
 
-def _reduce_on_rank(partials, sp_threshold):
+def _reduce_on_rank(partials, sp_threshold, inplace=False):
     rank, _ = rank_and_size()
-    return _run("sp_reduce", flashcomm.sp_reduce, partials[rank], None, sp_threshold)
+    if not inplace:
+        return _run("sp_reduce", flashcomm.sp_reduce, partials[rank], None, sp_threshold)
+    partial = partials[rank].clone()
+
+    def reduce_in_place():
+        flashcomm.sp_reduce_(partial, None, sp_threshold)
+        return partial
+    return _run("sp_reduce", reduce_in_place)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tp", TPS)
-def test_sp_reduce(ranks, tp, dtype):
+def test_sp_reduce(ranks, tp, dtype, inplace):
     # An engine's own GEMM produced each rank's partial [n, N]; sp_reduce sums them:
     # every row valid (replicated) or the owned rows (sharded, the rest poisoned).
     pool = ranks(tp)
@@ -210,7 +231,8 @@ def test_sp_reduce(ranks, tp, dtype):
         partials = [torch.randn(n, N, generator=g).to(dtype) for _ in range(tp)]
         want = torch.stack([p.double() for p in partials]).sum(0)
         mode = _expected_mode(n, tp, sp_threshold)
-        for rank, (out, counts) in enumerate(pool.run(_reduce_on_rank, partials, sp_threshold)):
+        results = pool.run(_reduce_on_rank, partials, sp_threshold, inplace)
+        for rank, (out, counts) in enumerate(results):
             assert out.shape == (n, N) and out.dtype == dtype
             _check_mode(counts, mode)
             _check_rows(out, want, _valid_for(mode, n, tp, rank), dtype)
@@ -264,6 +286,9 @@ def _opcheck_on_rank():
                  (x, None, nw, EPS, name, sp_threshold, True, False)),
                 (torch.ops.flashcomm.sp_reduce.default, (x, name, sp_threshold, True)),
                 (torch.ops.flashcomm.sp_gather.default, (x, name, sp_threshold, True)),
+                (torch.ops.flashcomm.sp_reduce_.default, (x.clone(), name, sp_threshold, True)),
+                (torch.ops.flashcomm.sp_add_rms_norm_.default,
+                 (x.clone(), r.clone(), nw, EPS, name, sp_threshold, True, True)),
             ]
             sharded = flashcomm.sp_mode(n, tp, sp_threshold) == "sharded"
             for op, args in samples:

@@ -160,6 +160,23 @@ void check_partial(const char* op, const at::Tensor& partial) {
               ": partial must be floating point, got ", partial.scalar_type());
 }
 
+void check_partial_inplace(const char* op, const at::Tensor& partial) {
+  check_partial(op, partial);
+  TORCH_CHECK(partial.is_contiguous(), op,
+              ": partial must be contiguous (it is reduced in place), got strides ",
+              partial.sym_strides());
+}
+
+void check_norm_inplace(const char* op, const at::Tensor& x, const at::Tensor& residual,
+                        const at::Tensor& weight) {
+  check_norm(op, x, residual, weight);
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), op,
+              ": x and residual must be contiguous (normed and the new residual are written "
+              "into them), got strides ", x.sym_strides(), " and ", residual.sym_strides());
+  TORCH_CHECK(!x.is_same(residual) && (x.sym_numel() == 0 || !x.is_alias_of(residual)), op,
+              ": x and residual must not share memory (both are written)");
+}
+
 void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                 const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [n, H], got sizes ", x.sym_sizes());

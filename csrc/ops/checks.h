@@ -46,6 +46,14 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
 // sp_reduce: partial [n, N] floating point.
 void check_partial(const char* op, const at::Tensor& partial);
 
+// sp_reduce_: partial [n, N] floating point, contiguous (reduced in place).
+void check_partial_inplace(const char* op, const at::Tensor& partial);
+
+// sp_add_rms_norm_: x and residual [n, H], same dtype and device, contiguous, not
+// overlapping (normed and residual_out are written into them); weight [H].
+void check_norm_inplace(const char* op, const at::Tensor& x, const at::Tensor& residual,
+                        const at::Tensor& weight);
+
 // sp_add_rms_norm: x [n, H] floating point, residual (optional) like x, weight [H].
 void check_norm(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                 const at::Tensor& weight);

@@ -65,6 +65,11 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
                                                         bool gather);
 at::Tensor sp_reduce_meta(const at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold,
                           bool enabled);
+void sp_add_rms_norm_meta_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                           double eps, const GroupPtr& group, int64_t sp_threshold,
+                           bool enabled, bool gather);
+void sp_reduce_meta_(at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold,
+                     bool enabled);
 at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
                           bool enabled);
 

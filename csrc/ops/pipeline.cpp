@@ -139,15 +139,15 @@ void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
   window.drain();
 }
 
-at::Tensor gemm_all_reduce(const comm::Group& group, const RowLinear& linear,
-                           const comm::CallInfo& call) {
+void gemm_all_reduce(const comm::Group& group, const RowLinear& linear, at::Tensor out,
+                     const comm::CallInfo& call) {
   const int64_t n = linear.n, N = linear.out_features;
-  at::Tensor out = at::empty({n, N}, linear.out_options);
-  if (n == 0) return out;  // rank-invariant: every rank skips the collective
+  TORCH_INTERNAL_ASSERT(out.size(0) == n && out.size(1) == N && out.is_contiguous());
+  if (n == 0) return;  // rank-invariant: every rank skips the collective
   if (!group.collective() || comm::has_all_reduce_provider(group)) {
     linear.gemm(0, n, out);
     if (group.collective()) comm::all_reduce(group, out, call);
-    return out;
+    return;
   }
   // The GEMM writes each step's partial straight into the transport's buffer
   // (c10d: `out` itself, summed in place; shm: this rank's slot).
@@ -165,14 +165,15 @@ at::Tensor gemm_all_reduce(const comm::Group& group, const RowLinear& linear,
     window.push(std::move(step));
   }
   window.drain();
-  return out;
 }
 
 at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, int64_t n,
-                           const ColumnLinear& linear, const comm::CallInfo& call) {
+                           const ColumnLinear& linear, const comm::CallInfo& call,
+                           at::Tensor out) {
   const int64_t tp = group.size();
   const GatheredGemm& gemm = linear.gemm;
-  at::Tensor out = at::empty({n, linear.out_features}, linear.out_options);
+  if (!out.defined()) out = at::empty({n, linear.out_features}, linear.out_options);
+  TORCH_INTERNAL_ASSERT(out.size(0) == n && out.is_contiguous());
   if (n == 0) return out;  // rank-invariant: every rank skips the collective
   if (!group.collective()) {
     gemm(materialize_payload(linear), out);
@@ -236,16 +237,31 @@ at::Tensor gather_output_features(const comm::Group& group, const at::Tensor& lo
   return gathered.view({tp, n, N_r}).permute({1, 0, 2}).reshape({n, tp * N_r});
 }
 
-at::Tensor gather_rows(const comm::Group& group, const at::Tensor& block, int64_t n,
-                       const comm::CallInfo& call) {
-  const int64_t tp = group.size();
+void gather_owned_rows(const comm::Group& group, at::Tensor t, const comm::CallInfo& call) {
+  const int64_t n = t.size(0), tp = group.size();
   // n is rank-invariant: every rank skips the collective or none does.
-  if (!group.collective() || n == 0) return block.narrow(0, 0, std::min(n, block.size(0)));
-  std::vector<int64_t> sizes = block.sizes().vec();
-  sizes[0] *= tp;
-  at::Tensor gathered = at::empty(sizes, block.options());
-  group.transport().all_gather(gathered, block.contiguous(), call);
-  return gathered.narrow(0, 0, n);
+  if (!group.collective() || n == 0) return;
+  TORCH_INTERNAL_ASSERT(t.dim() == 2 && t.is_contiguous());
+  const int64_t c = core::shard_rows(n, tp);
+  const core::RowRange mine = core::owned_rows(n, tp, group.rank());
+  // The "GEMM" of this gather is a copy: every rank's block lands in its rows of t
+  // (this rank's own rows onto themselves).
+  ColumnLinear copy;
+  copy.rows = c;
+  copy.payload_cols = t.size(1);
+  copy.payload_dtype = t.scalar_type();
+  if (mine.size() == c) copy.payload = t.narrow(0, mine.begin, c);
+  copy.write_payload = [t, mine](int64_t row_begin, int64_t rows, at::Tensor& dst) {
+    const int64_t valid = std::clamp<int64_t>(mine.size() - row_begin, 0, rows);
+    if (valid > 0) dst.narrow(0, 0, valid).copy_(t.narrow(0, mine.begin + row_begin, valid));
+    if (valid < rows) dst.narrow(0, valid, rows - valid).zero_();  // padding rows
+  };
+  copy.gemm = [](const at::Tensor& rows, at::Tensor& out) {
+    if (rows.data_ptr() != out.data_ptr()) out.copy_(rows);
+  };
+  copy.out_features = t.size(1);
+  copy.out_options = t.options();
+  all_gather_gemm(group, core::Strategy::kSequential, n, copy, call, t);
 }
 
 }  // namespace flashcomm::ops

@@ -32,22 +32,26 @@ core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t 
 void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
                          const RowLinear& linear, at::Tensor out, const comm::CallInfo& call);
 
-// Row-parallel GEMM + all-reduce: [n, N], every row valid on every rank.
-at::Tensor gemm_all_reduce(const comm::Group& group, const RowLinear& linear,
-                           const comm::CallInfo& call);
+// Row-parallel GEMM + all-reduce into `out` ([n, N], contiguous): every row valid
+// on every rank. `out` may be the memory the GEMM reads (an in-place all-reduce of
+// an engine's partial product): every step copies its rows out before they are summed.
+void gemm_all_reduce(const comm::Group& group, const RowLinear& linear, at::Tensor out,
+                     const comm::CallInfo& call);
 
 // All-gather of this rank's [c, P] payload block (linear.rows == c) + GEMM.
 // Returns [n, N] with the padding rows dropped; the GEMM reads every rank's rows
 // where the transport delivers them (shm: straight from the peers' slots).
+// `out`, when defined ([n, N], contiguous), receives the result instead of a new tensor.
 at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, int64_t n,
-                           const ColumnLinear& linear, const comm::CallInfo& call);
+                           const ColumnLinear& linear, const comm::CallInfo& call,
+                           at::Tensor out = at::Tensor());
 
 // [n, N_r] on every rank -> [n, N_r * tp], output features in rank order.
 at::Tensor gather_output_features(const comm::Group& group, const at::Tensor& local,
                                   const comm::CallInfo& call);
 
-// [c, H] block of every rank -> [n, H] (rows in rank order, padding dropped).
-at::Tensor gather_rows(const comm::Group& group, const at::Tensor& block, int64_t n,
-                       const comm::CallInfo& call);
+// t [n, H] (contiguous) with this rank's owned rows valid -> every row valid, in
+// place: each rank's owned rows travel (shm: through its slot) into the others' t.
+void gather_owned_rows(const comm::Group& group, at::Tensor t, const comm::CallInfo& call);
 
 }  // namespace flashcomm::ops

@@ -84,24 +84,42 @@ at::Tensor owned_block(const at::Tensor& t, const comm::Group& group) {
 
 // Row-parallel output [n, N]: all-reduce (replicated) or reduce-scatter into the
 // owned rows (sharded). `compact_op` >= 0: the sharded path counts and picks a
-// kernel strategy as that compact op (threshold); else it runs sequential.
+// kernel strategy as that compact op (threshold); else it runs sequential. `out`,
+// when defined ([n, N], contiguous), receives the result (it may be the memory the
+// linear reads: every step copies its rows before any of them is overwritten).
 at::Tensor row_parallel(const ModeCall& mc, int compact_op, const ops::RowLinear& linear, int64_t K,
-                        c10::ScalarType key_dtype, int64_t threshold) {
+                        c10::ScalarType key_dtype, int64_t threshold,
+                        at::Tensor out = at::Tensor()) {
   const comm::Group& g = mc.group;
-  if (mc.mode == Mode::kReplicated) return ops::gemm_all_reduce(g, linear, mc.info);
   const int64_t n = linear.n, N = linear.out_features, tp = g.size();
-  const int64_t c = core::shard_rows(n, tp);
+  if (mc.mode == Mode::kReplicated) {
+    if (!out.defined()) out = at::empty({n, N}, linear.out_options);
+    ops::gemm_all_reduce(g, linear, out, mc.info);
+    return out;
+  }
+  const int64_t c = core::shard_rows(n, tp), r = g.rank();
   const core::Strategy s =
       compact_op >= 0 ? ops::decide_strategy(static_cast<OpId>(compact_op), g, n, K, N, key_dtype,
                                              threshold, /*enabled=*/true)
                       : core::Strategy::kSequential;
   comm::CallInfo info = mc.info;
   info.strategy = static_cast<int8_t>(s);
-  // Rank r's block lands at rows [r*c, r*c + c) of a [tp*c, N] buffer whose first
-  // n rows are the output: no copy, padding rows fall outside the returned view.
-  at::Tensor full = at::empty({tp * c, N}, linear.out_options);
-  ops::gemm_reduce_scatter(g, s, linear, full.narrow(0, g.rank() * c, c), info);
-  at::Tensor out = full.narrow(0, 0, n);
+  if (!out.defined()) {
+    // Rank r's block lands at rows [r*c, r*c + c) of a [tp*c, N] buffer whose first
+    // n rows are the output: no copy, padding rows fall outside the returned view.
+    at::Tensor full = at::empty({tp * c, N}, linear.out_options);
+    ops::gemm_reduce_scatter(g, s, linear, full.narrow(0, r * c, c), info);
+    out = full.narrow(0, 0, n);
+  } else if (r * c + c <= n) {
+    ops::gemm_reduce_scatter(g, s, linear, out.narrow(0, r * c, c), info);
+  } else {  // the last block runs past n: its padding rows need room
+    at::Tensor block = at::empty({c, N}, linear.out_options);
+    ops::gemm_reduce_scatter(g, s, linear, block, info);
+    const RowRange mine = owned(g, n);
+    if (mine.size() > 0) {
+      out.narrow(0, mine.begin, mine.size()).copy_(block.narrow(0, 0, mine.size()));
+    }
+  }
   poison_outside(out, owned(g, n));
   return out;
 }
@@ -201,61 +219,91 @@ at::Tensor sp_column_linear_w8a8(const at::Tensor& x, const at::Tensor& weight,
                          });
 }
 
+namespace {
+
+// The norm of the rows this rank computes (all, or the owned ones) into normed and
+// residual_out (which may be x and residual themselves: the kernel reads each element
+// before it writes it); with `gather`, sharded mode then all-gathers the owned rows
+// of normed so every row is valid.
+void norm_into(const ModeCall& mc, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+               const at::Tensor& weight, double eps, bool gather, at::Tensor normed,
+               at::Tensor residual_out) {
+  const int64_t n = x.size(0);
+  const RowRange rows = mc.mode == Mode::kReplicated ? RowRange{0, n} : owned(mc.group, n);
+  auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
+  if (rows.size() > 0) {
+    const std::optional<at::Tensor> residual_rows =
+        residual.has_value() ? std::optional<at::Tensor>(slice(*residual)) : std::nullopt;
+    ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed),
+                           slice(residual_out));
+  }
+  poison_outside(residual_out, rows);
+  if (mc.mode == Mode::kSharded && gather) {
+    // The final norm, and every boundary norm in front of an engine's own column
+    // GEMM: every row valid everywhere.
+    ops::gather_owned_rows(mc.group, normed, mc.info);
+  } else {
+    poison_outside(normed, rows);
+  }
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
                                                    const std::optional<at::Tensor>& residual,
                                                    const at::Tensor& weight, double eps,
                                                    const GroupPtr& group, int64_t sp_threshold,
                                                    bool enabled, bool gather) {
   ops::check_norm("sp_add_rms_norm", x, residual, weight);
-  const int64_t n = x.size(0), H = x.size(1);
-  const ModeCall mc = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), n, sp_threshold,
-                                  enabled, /*threshold=*/-1);
-  const comm::Group& g = mc.group;
-  const RowRange rows = mc.mode == Mode::kReplicated ? RowRange{0, n} : owned(g, n);
-  auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
-  const std::optional<at::Tensor> residual_rows =
-      residual.has_value() ? std::optional<at::Tensor>(slice(*residual)) : std::nullopt;
-
-  at::Tensor residual_out = at::empty({n, H}, x.options());
-  poison_outside(residual_out, rows);
-  if (mc.mode == Mode::kSharded && gather) {
-    // The final norm (and every boundary norm in front of an engine's own
-    // column GEMM): normalise the owned rows into this rank's padded block, then
-    // all-gather so every row is valid everywhere.
-    const int64_t c = core::shard_rows(n, g.size());
-    at::Tensor block = at::empty({c, H}, x.options());
-    if (rows.size() > 0) {
-      ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, block.narrow(0, 0, rows.size()),
-                             slice(residual_out));
-    }
-    if (rows.size() < c) block.narrow(0, rows.size(), c - rows.size()).zero_();
-    return {ops::gather_rows(g, block, n, mc.info), residual_out};
-  }
-  at::Tensor normed = at::empty({n, H}, x.options());
-  if (rows.size() > 0) {
-    ops::add_rms_norm_rows(slice(x), residual_rows, weight, eps, slice(normed),
-                           slice(residual_out));
-  }
-  poison_outside(normed, rows);
+  const ModeCall mc = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), x.size(0),
+                                  sp_threshold, enabled, /*threshold=*/-1);
+  at::Tensor normed = at::empty(x.sizes(), x.options());
+  at::Tensor residual_out = at::empty(x.sizes(), x.options());
+  norm_into(mc, x, residual, weight, eps, gather, normed, residual_out);
   return {normed, residual_out};
 }
+
+void sp_add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                      const GroupPtr& group, int64_t sp_threshold, bool enabled, bool gather) {
+  ops::check_norm_inplace("sp_add_rms_norm_", x, residual, weight);
+  const ModeCall mc = decide_mode(OpId::kSpAddRmsNorm, group, x.device(), x.size(0),
+                                  sp_threshold, enabled, /*threshold=*/-1);
+  norm_into(mc, x, residual, weight, eps, gather, x, residual);
+}
+
+namespace {
+
+// The partial rows travel as they are: the engines' "GEMM" is a copy into the
+// transport's buffer (shm: this rank's slot; c10d: the output, reduced in place).
+ops::RowLinear partial_rows(const at::Tensor& partial) {
+  ops::RowLinear copy;
+  copy.n = partial.size(0);
+  copy.out_features = partial.size(1);
+  copy.out_options = partial.options();
+  copy.gemm = [partial](int64_t row_begin, int64_t rows, at::Tensor& out) {
+    const at::Tensor src = partial.narrow(0, row_begin, rows);
+    if (src.data_ptr() != out.data_ptr()) out.copy_(src);
+  };
+  return copy;
+}
+
+}  // namespace
 
 at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold,
                      bool enabled) {
   ops::check_partial("sp_reduce", partial);
   const ModeCall mc = decide_mode(OpId::kSpReduce, group, partial.device(), partial.size(0),
                                   sp_threshold, enabled, /*threshold=*/-1);
-  // The partial rows travel as they are: the engines' "GEMM" is a copy into the
-  // transport's buffer (shm: this rank's slot; c10d: the output, reduced in place).
-  ops::RowLinear copy;
-  copy.n = partial.size(0);
-  copy.out_features = partial.size(1);
-  copy.out_options = partial.options();
-  copy.gemm = [&partial](int64_t row_begin, int64_t rows, at::Tensor& out) {
-    out.copy_(partial.narrow(0, row_begin, rows));
-  };
-  return row_parallel(mc, /*compact_op=*/-1, copy, partial.size(1), partial.scalar_type(),
-                      /*threshold=*/-1);
+  return row_parallel(mc, /*compact_op=*/-1, partial_rows(partial), partial.size(1),
+                      partial.scalar_type(), /*threshold=*/-1);
+}
+
+void sp_reduce_(at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold, bool enabled) {
+  ops::check_partial_inplace("sp_reduce_", partial);
+  const ModeCall mc = decide_mode(OpId::kSpReduce, group, partial.device(), partial.size(0),
+                                  sp_threshold, enabled, /*threshold=*/-1);
+  row_parallel(mc, /*compact_op=*/-1, partial_rows(partial), partial.size(1),
+               partial.scalar_type(), /*threshold=*/-1, partial);
 }
 
 at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
@@ -263,8 +311,9 @@ at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group, int64_t sp_thre
   ops::check_partial("sp_gather", x);
   const ModeCall mc = decide_mode(OpId::kSpGather, group, x.device(), x.size(0), sp_threshold,
                                   enabled, /*threshold=*/-1);
-  if (mc.mode == Mode::kReplicated) return x.clone(at::MemoryFormat::Contiguous);
-  return ops::gather_rows(mc.group, owned_block(x, mc.group), x.size(0), mc.info);
+  at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
+  if (mc.mode == Mode::kSharded) ops::gather_owned_rows(mc.group, out, mc.info);
+  return out;
 }
 
 namespace ops {
@@ -325,6 +374,15 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm_meta(const at::Tensor& x,
 at::Tensor sp_reduce_meta(const at::Tensor& partial, const GroupPtr&, int64_t, bool) {
   check_partial("sp_reduce", partial);
   return at::empty_symint(partial.sym_sizes(), partial.options());
+}
+
+void sp_add_rms_norm_meta_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double,
+                           const GroupPtr&, int64_t, bool, bool) {
+  check_norm_inplace("sp_add_rms_norm_", x, residual, weight);
+}
+
+void sp_reduce_meta_(at::Tensor& partial, const GroupPtr&, int64_t, bool) {
+  check_partial_inplace("sp_reduce_", partial);
 }
 
 at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr&, int64_t, bool) {

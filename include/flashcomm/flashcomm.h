@@ -139,6 +139,16 @@ std::tuple<at::Tensor, at::Tensor> sp_add_rms_norm(const at::Tensor& x,
 at::Tensor sp_reduce(const at::Tensor& partial, const GroupPtr& group,
                      int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
 
+// In-place forms, for engines whose inputs are dead after the call (vLLM's own fused
+// add + RMSNorm works this way): no output is allocated. sp_add_rms_norm_ writes
+// normed into x and the new residual into residual (both [n, H], contiguous,
+// distinct); sp_reduce_ reduces `partial` in place (sharded: into its owned rows).
+void sp_add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                      const GroupPtr& group, int64_t sp_threshold = kDefaultSpThreshold,
+                      bool enabled = true, bool gather = false);
+void sp_reduce_(at::Tensor& partial, const GroupPtr& group,
+                int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
+
 // Makes every row of x [n, H] valid on every rank: sharded mode all-gathers the
 // owned rows (in front of an engine's own column-parallel GEMM when no norm does
 // it); replicated mode returns a copy.

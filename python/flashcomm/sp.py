@@ -111,3 +111,21 @@ def sp_gather(x: torch.Tensor, group: Group = None, sp_threshold: int = DEFAULT_
     """``x [n, H]`` (sharded mode: the owned rows valid) -> ``[n, H]`` with every row
     valid on every rank: all-gather of the owned rows (sharded) or a copy (replicated)."""
     return torch.ops.flashcomm.sp_gather(x, group_name(group), sp_threshold, enabled)
+
+
+def sp_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float, group: Group = None, sp_threshold: int = DEFAULT_SP_THRESHOLD,
+                     enabled: bool = True, gather: bool = False) -> None:
+    """In-place :func:`sp_add_rms_norm` for callers whose inputs are dead afterwards
+    (vLLM's fused add + RMSNorm works this way): normed is written into ``x``, the new
+    residual into ``residual`` (both ``[n, H]``, contiguous, distinct). No allocation;
+    under ``torch.compile`` Inductor keeps it in place."""
+    torch.ops.flashcomm.sp_add_rms_norm_(x, residual, weight, eps, group_name(group),
+                                         sp_threshold, enabled, gather)
+
+
+def sp_reduce_(partial: torch.Tensor, group: Group = None,
+               sp_threshold: int = DEFAULT_SP_THRESHOLD, enabled: bool = True) -> None:
+    """In-place :func:`sp_reduce`: ``partial [n, N]`` (contiguous) is all-reduced
+    (replicated) or reduce-scattered into its owned rows (sharded)."""
+    torch.ops.flashcomm.sp_reduce_(partial, group_name(group), sp_threshold, enabled)

@@ -225,8 +225,10 @@ class FlashcommRowParallelLinear(RowParallelLinear):
         if st.engine_gemm:
             # vLLM's own (packed) kernel computes the partial product; flashcomm replaces
             # only the all-reduce.
-            partial = self.quant_method.apply(self, x, bias)
-            out = torch.ops.flashcomm.sp_reduce(partial, st.group_name, st.sp_threshold, True)
+            # The partial is a fresh GEMM output nothing else reads: reduce it in place
+            # (no allocation; Inductor keeps the mutation in place).
+            out = self.quant_method.apply(self, x, bias)
+            torch.ops.flashcomm.sp_reduce_(out, st.group_name, st.sp_threshold, True)
         elif st.w8a8:
             out = torch.ops.flashcomm.sp_row_linear_w8a8(
                 x, self.fc_weight, self.fc_weight_scale, self.fc_input_scale,
@@ -248,10 +250,17 @@ class FlashcommRMSNorm(RMSNorm):
         st = self._fc_state
         if st is None:
             return super().forward(x, residual)
-        normed, res = torch.ops.flashcomm.sp_add_rms_norm(
-            x, residual, self.weight.data, self.variance_epsilon, st.group_name,
-            st.sp_threshold, True, st.gather)
-        return normed if residual is None else (normed, res)
+        if residual is None:  # the first norm: the caller keeps x as the residual
+            normed, _ = torch.ops.flashcomm.sp_add_rms_norm(
+                x, None, self.weight.data, self.variance_epsilon, st.group_name,
+                st.sp_threshold, True, st.gather)
+            return normed
+        # As vLLM's own fused add + RMSNorm: in place (normed -> x, the new residual ->
+        # residual), both dead to the caller afterwards.
+        x, residual = x.contiguous(), residual.contiguous()
+        torch.ops.flashcomm.sp_add_rms_norm_(x, residual, self.weight.data, self.variance_epsilon,
+                                             st.group_name, st.sp_threshold, True, st.gather)
+        return x, residual
 
 
 LINEAR_SWAPS = {
@@ -393,7 +402,7 @@ def resolve_gemm_form(requested: str, device_type: str, w8a8: bool) -> str:
 
 
 def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
-                  threshold: int = -1, vllm_all_reduce: bool = True,
+                  threshold: int = -1, vllm_all_reduce: Optional[bool] = None,
                   gemm: Optional[str] = None) -> int:
     """Validate and activate flashcomm on a freshly built (not yet loaded) vLLM model.
     All or nothing: raises :class:`FlashcommUnsupportedError` before touching anything.
@@ -422,15 +431,22 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
                                 gather=gather or (engine and role == "norm"),
                                 engine_gemm=engine and role == "row")
         converted += 1
-    # Replicated (decode-sized) calls may all-reduce through vLLM's own communicator for
-    # this group (shared memory on CPU, custom all-reduce / pynccl on CUDA) rather than
-    # flashcomm's transport; every worker sets the same, before the first forward.
-    provider = ""
-    if vllm_all_reduce and group.world_size > 1:
-        flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
-        provider = flashcomm.all_reduce_provider(gname)
+    # Every worker converts its model at the same point: the ranks verify their settings
+    # and choose the transport here, before the first forward.
     flashcomm.init(gname, sp_threshold=int(sp_threshold), threshold=int(threshold),
                    enabled=True)
+    # Replicated (decode-sized) calls may all-reduce through vLLM's own communicator for
+    # this group (custom all-reduce / pynccl on CUDA, shared memory on CPU) instead of
+    # flashcomm's transport. Unset: flashcomm's when it is shared memory (faster than
+    # vLLM's on CPU), vLLM's otherwise. Every worker decides the same.
+    provider = ""
+    if vllm_all_reduce is None:
+        vllm_all_reduce = flashcomm.transport(gname) != "shm"
+    if vllm_all_reduce and group.world_size > 1:
+        flashcomm.set_all_reduce_provider(gname, "vllm::all_reduce", group.unique_name)
+        provider = flashcomm.all_reduce_provider(gname)
+        flashcomm.init(gname, sp_threshold=int(sp_threshold), threshold=int(threshold),
+                       enabled=True)  # the ranks compare the provider too
     transport = flashcomm.transport(gname)
     # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
     extra = _compat.attribute(vllm_config, "additional_config")

@@ -13,9 +13,11 @@ Environment:
   tokens than this run
   sequence-parallel (sharded); the others run as plain TP (replicated).
 * ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
-* ``FLASHCOMM_VLLM_ALL_REDUCE`` (default 1): the replicated path all-reduces through
-  vLLM's own communicator (``vllm::all_reduce``: shared memory on CPU, custom
-  all-reduce / pynccl on CUDA); ``0``: through flashcomm's own transport for the group.
+* ``FLASHCOMM_VLLM_ALL_REDUCE`` (default: auto): ``1``: the replicated path all-reduces
+  through vLLM's own communicator (``vllm::all_reduce``: custom all-reduce / pynccl on
+  CUDA, shared memory on CPU); ``0``: through flashcomm's transport for the group. Auto:
+  flashcomm's when its transport is shared memory (measured faster than vLLM's on CPU:
+  BENCHMARKS.md), vLLM's otherwise.
 * ``FLASHCOMM_VLLM_ALLOW_UNTESTED=1``: run on a vLLM version flashcomm was not tested
   with (:data:`flashcomm.vllm._compat.TESTED_VLLM_VERSIONS`; otherwise refused), with a
   warning.
@@ -80,8 +82,11 @@ def enabled() -> bool:
     return _bool_env(ENV_ENABLE, False)
 
 
-def vllm_all_reduce() -> bool:
-    """Replicated calls all-reduce through vLLM's communicator (default) or c10d."""
+def vllm_all_reduce() -> Optional[bool]:
+    """Whether replicated calls all-reduce through vLLM's communicator (True), through
+    flashcomm's transport (False), or as the transport decides (None: unset)."""
+    if not os.environ.get(ENV_VLLM_ALL_REDUCE, "").strip():
+        return None
     return _bool_env(ENV_VLLM_ALL_REDUCE, True)
 
 
@@ -139,7 +144,7 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: bool) -> None:
+def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: Optional[bool]) -> None:
     BaseModelLoader = _compat.symbol("BaseModelLoader")
     original = BaseModelLoader.create_model
     if getattr(original, "_flashcomm_wrapped", False):

@@ -213,6 +213,7 @@ class Case:
     rtol: float
     inputs: list[torch.Tensor]  # tensors a CUDA graph reads (refilled before replay)
     args: tuple = ()  # for opcheck: the torch.ops overload's positional arguments
+    counter: str = ""  # flashcomm.stats() key when it is not `op` (in-place forms)
 
 
 def _gen(seed: int, device: str) -> torch.Generator:
@@ -274,6 +275,49 @@ def fp_cases(gname: str, device: str, dtype: torch.dtype, n: int) -> list[Case]:
             args = (p, gname, SP_THRESHOLD, True)
             cases.append(Case(op, f"{name} n={n}", lambda a=args, op=op: getattr(ops, op)(*a),
                               lambda p=p: p.double().cpu(), mode, tol, [p], args))
+    cases += inplace_cases(gname, device, dtype, n, mode, tol)
+    return cases
+
+
+def inplace_cases(gname: str, device: str, dtype: torch.dtype, n: int, mode: str,
+                  tol: float) -> list[Case]:
+    """The in-place forms. Each call first copies pristine sources into work buffers
+    (captured in a CUDA graph too), so a call can be repeated and the sources refilled;
+    opcheck gets the work buffers themselves."""
+    from flashcomm.tools.models import add_rms_norm
+
+    ops = torch.ops.flashcomm
+    cases = []
+    h = _randn((n, H), 17 + n, device, dtype)
+    r = _randn((n, H), 18 + n, device, dtype)
+    g = (1.0 + 0.1 * _randn((H,), 19, device, torch.float32)).to(dtype)
+    h_work, r_work = torch.empty_like(h), torch.empty_like(r)
+    for gather in (False, True):
+        args = (h_work, r_work, g, EPS, gname, SP_THRESHOLD, True, gather)
+
+        def norm_call(a=args):
+            h_work.copy_(h)
+            r_work.copy_(r)
+            ops.sp_add_rms_norm_(*a)
+            return h_work.clone(), r_work.clone()
+
+        def norm_ref():
+            normed, summed = add_rms_norm(h.cpu(), r.cpu(), g.cpu(), EPS)
+            return normed.double(), summed.double()
+
+        cases.append(Case("sp_add_rms_norm_", f"{dtype_name(dtype)} n={n} gather={gather}",
+                          norm_call, norm_ref, mode, tol, [h, r], args, "sp_add_rms_norm"))
+    p = _randn((n, N), 20 + n, device, dtype)
+    p_work = torch.empty_like(p)
+    args = (p_work, gname, SP_THRESHOLD, True)
+
+    def reduce_call(a=args):
+        p_work.copy_(p)
+        ops.sp_reduce_(*a)
+        return p_work.clone()
+
+    cases.append(Case("sp_reduce_", f"{dtype_name(dtype)} n={n}", reduce_call,
+                      lambda: p.double().cpu(), mode, tol, [p], args, "sp_reduce"))
     return cases
 
 
@@ -337,7 +381,7 @@ def run_case(result: StepResult, case: Case, record: dict[str, list]) -> None:
     def body():
         flashcomm.reset_stats()
         got = case.call()
-        counts = flashcomm.stats().get(case.op, {})
+        counts = flashcomm.stats().get(case.counter or case.op, {})
         got = got if isinstance(got, tuple) else (got,)
         want = case.reference()
         want = want if isinstance(want, tuple) else (want,)
@@ -621,13 +665,13 @@ def step_graphs(args) -> int:
                 flashcomm.reset_stats()
                 with torch.cuda.graph(graph):
                     static_out = as_tuple(case.call())
-                counts = flashcomm.stats().get(case.op, {})  # the capture ran the host code
+                counts = flashcomm.stats().get(case.counter or case.op, {})  # the capture ran the host code
                 graph.replay()  # capture records only: the first replay computes
                 torch.cuda.synchronize()
             else:
                 flashcomm.reset_stats()
                 static_out = as_tuple(case.call())
-                counts = flashcomm.stats().get(case.op, {})
+                counts = flashcomm.stats().get(case.counter or case.op, {})
             first = tuple(t.clone() for t in static_out)
             for t in case.inputs:  # new data in the captured input buffers
                 seed = next(refills)

@@ -665,7 +665,8 @@ def step_graphs(args) -> int:
                 flashcomm.reset_stats()
                 with torch.cuda.graph(graph):
                     static_out = as_tuple(case.call())
-                counts = flashcomm.stats().get(case.counter or case.op, {})  # the capture ran the host code
+                # the capture ran the host code
+                counts = flashcomm.stats().get(case.counter or case.op, {})
                 graph.replay()  # capture records only: the first replay computes
                 torch.cuda.synchronize()
             else:

@@ -16,9 +16,10 @@ layers -- per layer, in one real vLLM TP group (2 spawned ranks, 1 thread each, 
   when n <= --sp-threshold, sharded above), side by side:
     row     vLLM: GEMM + tensor_model_parallel_all_reduce;
             flashcomm: GEMM + sp_reduce (replicated: all-reduce; sharded: reduce-scatter
-            into the owned rows), with the all-reduce through vLLM's communicator (the
-            plugin's default provider) and, "own", through flashcomm's own transport
-            (FLASHCOMM_VLLM_ALL_REDUCE=0: no provider);
+            into the owned rows), with the all-reduce through vLLM's communicator
+            (FLASHCOMM_VLLM_ALL_REDUCE=1, the plugin's default off shared memory) and,
+            "own", through flashcomm's own transport (FLASHCOMM_VLLM_ALL_REDUCE=0, its
+            default on CPU);
     norm    vLLM: torch.ops._C.fused_add_rms_norm (in place, on the same buffers every
             repeat) and vLLM's RMSNorm layer (its CPU forward, eager: native torch ops;
             inside the engine Inductor compiles it);

@@ -3,8 +3,11 @@ against gloo (c10d, through flashcomm and raw) and vLLM's shared-memory all-redu
 
     .venv/bin/python benchmarks/collectives_bench.py [--tp 2] [--repeats 25] [--json out.json]
 
-Every rank times the same sequence of calls (a barrier before each size); the table shows
-the median over repeats of the slowest rank. Sizes are the bytes of the full [n, 1024]
+Every rank times the same sequence of calls (before each call a gloo barrier, then a
+one-element shared-memory all-reduce so that the ranks start together); the table shows
+the median over repeats of the slowest rank. All-reduce and reduce-scatter run in place
+(sp_reduce_, as the vLLM integration calls them; vLLM's all-reduce on CPU is in place
+too); "new output" is the allocating sp_reduce. Sizes are the bytes of the full [n, 1024]
 float32 tensor each rank holds (all-reduce / reduce-scatter input; all-gather output).
 Figures, not pass/fail.
 """
@@ -37,11 +40,12 @@ def _vllm_all_reduce():
     return (lambda t: torch.ops.vllm.all_reduce(t, name)), vllm_tp_transport()
 
 
-def _time(fn, repeats: int) -> list[float]:
+def _time(fn, repeats: int, align) -> list[float]:
     fn()  # warm: set-up, first-touch of buffers
     out = []
     for _ in range(repeats):
         dist.barrier()
+        align()  # ranks leave a gloo barrier far apart; a tiny shm all-reduce re-aligns them
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e6)
@@ -60,22 +64,32 @@ def _bench(repeats: int):
         groups[transport] = g
     raw = dist.new_group(ranks, backend="gloo")
     vllm_ar, vllm_transport = _vllm_all_reduce()
+    tiny = torch.zeros(1, 1)
+
+    def align():
+        flashcomm.sp_reduce_(tiny, groups["shm"], BIG)
     rows = {}
     for label, n in SIZES.items():
         full = torch.randn(n, COLS)
         # Shapes: all-reduce and reduce-scatter of the [n, COLS] tensor; all-gather
-        # assembling it from the ranks' blocks.
+        # assembling it from the ranks' blocks. In-place calls reduce the same buffer
+        # every repeat (values grow by tp x per call: far from overflow in 30 calls).
+        work = full.clone()
         block = torch.empty(-(-n // tp), COLS)
         cases = {
             ("all_reduce", "flashcomm shm"):
+                lambda: flashcomm.sp_reduce_(work, groups["shm"], BIG),
+            ("all_reduce", "flashcomm shm, new output"):
                 lambda: flashcomm.sp_reduce(full, groups["shm"], BIG),
             ("all_reduce", "flashcomm c10d"):
-                lambda: flashcomm.sp_reduce(full, groups["c10d"], BIG),
-            ("all_reduce", "gloo"): lambda: dist.all_reduce(full.clone(), group=raw),
+                lambda: flashcomm.sp_reduce_(work, groups["c10d"], BIG),
+            ("all_reduce", "gloo"): lambda: dist.all_reduce(work, group=raw),
             ("reduce_scatter", "flashcomm shm"):
+                lambda: flashcomm.sp_reduce_(work, groups["shm"], 0),
+            ("reduce_scatter", "flashcomm shm, new output"):
                 lambda: flashcomm.sp_reduce(full, groups["shm"], 0),
             ("reduce_scatter", "flashcomm c10d"):
-                lambda: flashcomm.sp_reduce(full, groups["c10d"], 0),
+                lambda: flashcomm.sp_reduce_(work, groups["c10d"], 0),
             ("reduce_scatter", "gloo"):
                 lambda: dist.reduce_scatter_tensor(
                     block, torch.nn.functional.pad(full, (0, 0, 0, block.shape[0] * tp - n)),
@@ -89,9 +103,10 @@ def _bench(repeats: int):
                                                     block, group=raw),
         }
         if vllm_ar is not None:
-            cases[("all_reduce", "vLLM shm_allreduce")] = lambda: vllm_ar(full)
+            cases[("all_reduce", "vLLM shm_allreduce")] = lambda: vllm_ar(work)
         for key, fn in cases.items():
-            rows[(label,) + key] = _time(fn, repeats)
+            work.copy_(full)
+            rows[(label,) + key] = _time(fn, repeats, align)
     return rank, rows, vllm_transport
 
 

@@ -1,6 +1,8 @@
 # ctest's consumer_project: install the build into a fresh prefix, configure and
 # build tests/cpp/consumer against it with find_package(flashcomm), and run it.
-# -D: BUILD_DIR, SOURCE_DIR, WORK_DIR, TORCH_PREFIX (Torch_DIR), GLOO_INCLUDE_DIR, GENERATOR.
+# -D: BUILD_DIR, SOURCE_DIR, WORK_DIR, TORCH_PREFIX (Torch_DIR), GLOO_INCLUDE_DIR, GENERATOR,
+# SANITIZE (the library was built with ASan + UBSan: so is the consumer, whose executable
+# must then bring the ASan runtime first).
 file(REMOVE_RECURSE ${WORK_DIR})
 function(step)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
@@ -9,9 +11,14 @@ function(step)
   endif()
 endfunction()
 step(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+set(san_flags "")
+if(SANITIZE)
+  set(san_flags -DCMAKE_CXX_FLAGS=-fsanitize=address,undefined
+                -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined)
+endif()
 step(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/cpp/consumer -B ${WORK_DIR}/build -G ${GENERATOR}
      -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix
-     -DTorch_DIR=${TORCH_PREFIX} -DGLOO_INCLUDE_DIR=${GLOO_INCLUDE_DIR})
+     -DTorch_DIR=${TORCH_PREFIX} -DGLOO_INCLUDE_DIR=${GLOO_INCLUDE_DIR} ${san_flags})
 step(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 execute_process(COMMAND ${WORK_DIR}/build/flashcomm_consumer RESULT_VARIABLE rc
                 OUTPUT_VARIABLE out ERROR_VARIABLE err)

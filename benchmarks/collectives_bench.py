@@ -5,9 +5,10 @@ against gloo (c10d, through flashcomm and raw) and vLLM's shared-memory all-redu
 
 Every rank times the same sequence of calls (before each call a gloo barrier, then a
 one-element shared-memory all-reduce so that the ranks start together); the table shows
-the median over repeats of the slowest rank. All-reduce and reduce-scatter run in place
-(sp_reduce_, as the vLLM integration calls them; vLLM's all-reduce on CPU is in place
-too); "new output" is the allocating sp_reduce. Sizes are the bytes of the full [n, 1024]
+the median over repeats of the slowest rank. The collectives run in place (sp_reduce_ and
+sp_gather_, as the vLLM integration calls them; vLLM's all-reduce on CPU is in place too);
+"new output" is the allocating sp_reduce / sp_gather, whose time is mostly the first touch
+of a fresh output. Sizes are the bytes of the full [n, 1024]
 float32 tensor each rank holds (all-reduce / reduce-scatter input; all-gather output).
 Figures, not pass/fail.
 """
@@ -40,15 +41,22 @@ def _vllm_all_reduce():
     return (lambda t: torch.ops.vllm.all_reduce(t, name)), vllm_tp_transport()
 
 
-def _time(fn, repeats: int, align) -> list[float]:
-    fn()  # warm: set-up, first-touch of buffers
-    out = []
-    for _ in range(repeats):
-        dist.barrier()
-        align()  # ranks leave a gloo barrier far apart; a tiny shm all-reduce re-aligns them
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
+def _time_round_robin(cases: dict, repeats: int, align, reset) -> dict:
+    """Every case `repeats` times, round robin with the order rotated each repeat (the
+    same on every rank), so that drift of the machine falls on all cases alike."""
+    keys = list(cases)
+    for key in keys:  # warm: set-up, first touch of buffers
+        cases[key]()
+    out = {key: [] for key in keys}
+    for rep in range(repeats):
+        shift = rep % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            reset()
+            dist.barrier()
+            align()  # ranks leave a gloo barrier far apart; a tiny shm all-reduce re-aligns them
+            t0 = time.perf_counter()
+            cases[key]()
+            out[key].append((time.perf_counter() - t0) * 1e6)
     return out
 
 
@@ -72,8 +80,8 @@ def _bench(repeats: int):
     for label, n in SIZES.items():
         full = torch.randn(n, COLS)
         # Shapes: all-reduce and reduce-scatter of the [n, COLS] tensor; all-gather
-        # assembling it from the ranks' blocks. In-place calls reduce the same buffer
-        # every repeat (values grow by tp x per call: far from overflow in 30 calls).
+        # assembling it from the ranks' blocks. In-place calls reduce `work`, refilled
+        # from `full` before every call (outside the timing).
         work = full.clone()
         block = torch.empty(-(-n // tp), COLS)
         cases = {
@@ -95,18 +103,19 @@ def _bench(repeats: int):
                     block, torch.nn.functional.pad(full, (0, 0, 0, block.shape[0] * tp - n)),
                     group=raw),
             ("all_gather", "flashcomm shm"):
+                lambda: flashcomm.sp_gather_(work, groups["shm"], 0),
+            ("all_gather", "flashcomm shm, new output"):
                 lambda: flashcomm.sp_gather(full, groups["shm"], 0),
             ("all_gather", "flashcomm c10d"):
-                lambda: flashcomm.sp_gather(full, groups["c10d"], 0),
+                lambda: flashcomm.sp_gather_(work, groups["c10d"], 0),
             ("all_gather", "gloo"):
                 lambda: dist.all_gather_into_tensor(torch.empty(block.shape[0] * tp, COLS),
                                                     block, group=raw),
         }
         if vllm_ar is not None:
             cases[("all_reduce", "vLLM shm_allreduce")] = lambda: vllm_ar(work)
-        for key, fn in cases.items():
-            work.copy_(full)
-            rows[(label,) + key] = _time(fn, repeats, align)
+        timed = _time_round_robin(cases, repeats, align, lambda: work.copy_(full))
+        rows.update({(label,) + key: v for key, v in timed.items()})
     return rank, rows, vllm_transport
 
 

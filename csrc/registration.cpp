@@ -201,6 +201,12 @@ TORCH_LIBRARY(flashcomm, m) {
                      "bool enabled=True) -> Tensor",
                      flashcomm::sp_gather, sp_gather_meta);
 
+  // In place: x [n, H] -> every row valid (sharded: the owned rows all-gathered; replicated: as is).
+  FLASHCOMM_GROUP_OP(m, sp_gather_,
+                     "sp_gather_(Tensor(a!) x, str group_name, int sp_threshold={sp_threshold}, "
+                     "bool enabled=True) -> ()",
+                     flashcomm::sp_gather_, sp_gather_meta_);
+
   // The library version (pyproject.toml's, compiled in).
   m.def("version() -> str", TORCH_FN(version_op));
   // The defaults (include/flashcomm/defaults.h and the transport's) as parallel lists.

@@ -318,6 +318,15 @@ def inplace_cases(gname: str, device: str, dtype: torch.dtype, n: int, mode: str
 
     cases.append(Case("sp_reduce_", f"{dtype_name(dtype)} n={n}", reduce_call,
                       lambda: p.double().cpu(), mode, tol, [p], args, "sp_reduce"))
+    gather_args = (p_work, gname, SP_THRESHOLD, True)
+
+    def gather_call(a=gather_args):
+        p_work.copy_(p)
+        ops.sp_gather_(*a)
+        return p_work.clone()
+
+    cases.append(Case("sp_gather_", f"{dtype_name(dtype)} n={n}", gather_call,
+                      lambda: p.double().cpu(), mode, tol, [p], gather_args, "sp_gather"))
     return cases
 
 

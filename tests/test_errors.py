@@ -80,6 +80,11 @@ def _sp_reduce(p, group=None, inplace=False):
     return lambda: op(p, group or _g())
 
 
+def _sp_gather(x, inplace=False):
+    op = torch.ops.flashcomm.sp_gather_ if inplace else torch.ops.flashcomm.sp_gather
+    return lambda: op(x, _g())
+
+
 def _shared_rows():
     t = _t(8, K)
     return t[:4], t[:4]
@@ -217,6 +222,9 @@ CASES = {
                       r"sp_reduce: partial must be floating point"),
     "sp_reduce_/strided": (lambda: _sp_reduce(_t(K, 4).t(), inplace=True),
                            r"sp_reduce_: partial must be contiguous"),
+    "sp_gather/1d": (lambda: _sp_gather(_t(K)), r"sp_gather: x must be 2-D \[n, N\]"),
+    "sp_gather_/strided": (lambda: _sp_gather(_t(K, 4).t(), inplace=True),
+                           r"sp_gather_: x must be contiguous"),
     "sp_reduce/group": (lambda: _sp_reduce(_t(4, K), group="nope"),
                         r"sp_reduce: unknown group_name 'nope'"),
     "sp_add_rms_norm/requires-grad": (lambda: _sp_norm(_t(4, K).requires_grad_(), None, _t(K)),

@@ -1,7 +1,8 @@
 """Layout-invariant ops (sp_row_linear, sp_column_linear, their W8A8 forms,
-sp_add_rms_norm, sp_reduce and sp_gather) in replicated and sharded mode, on 1, 2 and 4
-ranks, against dense single-process references. Don't-care rows of the inputs are NaN and
-poisoning is on, so a result that read them, or a wrong row ownership, fails."""
+sp_add_rms_norm, sp_reduce, sp_gather and the in-place forms) in replicated and sharded
+mode, on 1, 2 and 4 ranks, against dense single-process references. Don't-care rows of
+the inputs are NaN and poisoning is on, so a result that read them, or a wrong row
+ownership, fails."""
 
 from __future__ import annotations
 
@@ -238,20 +239,27 @@ def test_sp_reduce(ranks, tp, dtype, inplace):
             _check_rows(out, want, _valid_for(mode, n, tp, rank), dtype)
 
 
-def _gather_on_rank(x_full, sp_threshold):
+def _gather_on_rank(x_full, sp_threshold, inplace=False):
     n = x_full.shape[0]
     x = _poisoned(x_full, _valid_rows(n, sp_threshold))  # only the owned rows are valid
-    return _run("sp_gather", flashcomm.sp_gather, x, None, sp_threshold)
+    if not inplace:
+        return _run("sp_gather", flashcomm.sp_gather, x, None, sp_threshold)
+
+    def gather_in_place():
+        flashcomm.sp_gather_(x, None, sp_threshold)
+        return x
+    return _run("sp_gather", gather_in_place)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tp", TPS)
-def test_sp_gather(ranks, tp, dtype):
+def test_sp_gather(ranks, tp, dtype, inplace):
     pool = ranks(tp)
     for n, sp_threshold in cases(tp):
         x = torch.randn(n, K, generator=torch.Generator().manual_seed(n + 4)).to(dtype)
         mode = _expected_mode(n, tp, sp_threshold)
-        for out, counts in pool.run(_gather_on_rank, x, sp_threshold):
+        for out, counts in pool.run(_gather_on_rank, x, sp_threshold, inplace):
             _check_mode(counts, mode)
             assert torch.equal(out, x)  # rows are moved, never changed
 
@@ -287,6 +295,7 @@ def _opcheck_on_rank():
                 (torch.ops.flashcomm.sp_reduce.default, (x, name, sp_threshold, True)),
                 (torch.ops.flashcomm.sp_gather.default, (x, name, sp_threshold, True)),
                 (torch.ops.flashcomm.sp_reduce_.default, (x.clone(), name, sp_threshold, True)),
+                (torch.ops.flashcomm.sp_gather_.default, (x.clone(), name, sp_threshold, True)),
                 (torch.ops.flashcomm.sp_add_rms_norm_.default,
                  (x.clone(), r.clone(), nw, EPS, name, sp_threshold, True, True)),
             ]

@@ -153,17 +153,17 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
   }
 }
 
-void check_partial(const char* op, const at::Tensor& partial) {
-  TORCH_CHECK(partial.dim() == 2, op, ": partial must be 2-D [n, N], got sizes ",
+void check_partial(const char* op, const at::Tensor& partial, const char* arg) {
+  TORCH_CHECK(partial.dim() == 2, op, ": ", arg, " must be 2-D [n, N], got sizes ",
               partial.sym_sizes());
-  TORCH_CHECK(at::isFloatingType(partial.scalar_type()), op,
-              ": partial must be floating point, got ", partial.scalar_type());
+  TORCH_CHECK(at::isFloatingType(partial.scalar_type()), op, ": ", arg,
+              " must be floating point, got ", partial.scalar_type());
 }
 
-void check_partial_inplace(const char* op, const at::Tensor& partial) {
-  check_partial(op, partial);
-  TORCH_CHECK(partial.is_contiguous(), op,
-              ": partial must be contiguous (it is reduced in place), got strides ",
+void check_partial_inplace(const char* op, const at::Tensor& partial, const char* arg) {
+  check_partial(op, partial, arg);
+  TORCH_CHECK(partial.is_contiguous(), op, ": ", arg,
+              " must be contiguous (it is written in place), got strides ",
               partial.sym_strides());
 }
 

@@ -43,11 +43,12 @@ void check_w8a8_scales(const char* op, const at::Tensor& x, const at::Tensor& we
                        const std::optional<at::Tensor>& input_zero_point,
                        c10::ScalarType out_dtype);
 
-// sp_reduce: partial [n, N] floating point.
-void check_partial(const char* op, const at::Tensor& partial);
+// sp_reduce / sp_gather: `arg` [n, N] floating point.
+void check_partial(const char* op, const at::Tensor& partial, const char* arg = "partial");
 
-// sp_reduce_: partial [n, N] floating point, contiguous (reduced in place).
-void check_partial_inplace(const char* op, const at::Tensor& partial);
+// sp_reduce_ / sp_gather_: `arg` [n, N] floating point, contiguous (written in place).
+void check_partial_inplace(const char* op, const at::Tensor& partial,
+                           const char* arg = "partial");
 
 // sp_add_rms_norm_: x and residual [n, H], same dtype and device, contiguous, not
 // overlapping (normed and residual_out are written into them); weight [H].

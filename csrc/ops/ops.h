@@ -72,6 +72,7 @@ void sp_reduce_meta_(at::Tensor& partial, const GroupPtr& group, int64_t sp_thre
                      bool enabled);
 at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
                           bool enabled);
+void sp_gather_meta_(at::Tensor& x, const GroupPtr& group, int64_t sp_threshold, bool enabled);
 
 // Counters and configuration (see flashcomm.stats / reset_stats in Python).
 std::tuple<std::vector<std::string>, std::vector<int64_t>> stats_op();

@@ -256,7 +256,13 @@ void gather_owned_rows(const comm::Group& group, at::Tensor t, const comm::CallI
     if (valid > 0) dst.narrow(0, 0, valid).copy_(t.narrow(0, mine.begin + row_begin, valid));
     if (valid < rows) dst.narrow(0, valid, rows - valid).zero_();  // padding rows
   };
-  copy.gemm = [](const at::Tensor& rows, at::Tensor& out) {
+  // This rank's own rows are already in place in t: only the peers' blocks are copied.
+  const auto* own_begin = static_cast<const uint8_t*>(t.data_ptr()) +
+                          mine.begin * t.size(1) * t.element_size();
+  const auto* own_end = own_begin + mine.size() * t.size(1) * t.element_size();
+  copy.gemm = [own_begin, own_end](const at::Tensor& rows, at::Tensor& out) {
+    const auto* dst = static_cast<const uint8_t*>(out.data_ptr());
+    if (dst >= own_begin && dst + out.numel() * out.element_size() <= own_end) return;
     if (rows.data_ptr() != out.data_ptr()) out.copy_(rows);
   };
   copy.out_features = t.size(1);

@@ -308,12 +308,19 @@ void sp_reduce_(at::Tensor& partial, const GroupPtr& group, int64_t sp_threshold
 
 at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group, int64_t sp_threshold,
                      bool enabled) {
-  ops::check_partial("sp_gather", x);
+  ops::check_partial("sp_gather", x, "x");
   const ModeCall mc = decide_mode(OpId::kSpGather, group, x.device(), x.size(0), sp_threshold,
                                   enabled, /*threshold=*/-1);
   at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
   if (mc.mode == Mode::kSharded) ops::gather_owned_rows(mc.group, out, mc.info);
   return out;
+}
+
+void sp_gather_(at::Tensor& x, const GroupPtr& group, int64_t sp_threshold, bool enabled) {
+  ops::check_partial_inplace("sp_gather_", x, "x");
+  const ModeCall mc = decide_mode(OpId::kSpGather, group, x.device(), x.size(0), sp_threshold,
+                                  enabled, /*threshold=*/-1);
+  if (mc.mode == Mode::kSharded) ops::gather_owned_rows(mc.group, x, mc.info);
 }
 
 namespace ops {
@@ -386,8 +393,12 @@ void sp_reduce_meta_(at::Tensor& partial, const GroupPtr&, int64_t, bool) {
 }
 
 at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr&, int64_t, bool) {
-  check_partial("sp_gather", x);
+  check_partial("sp_gather", x, "x");
   return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+void sp_gather_meta_(at::Tensor& x, const GroupPtr&, int64_t, bool) {
+  check_partial_inplace("sp_gather_", x, "x");
 }
 
 }  // namespace ops

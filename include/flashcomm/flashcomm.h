@@ -154,6 +154,10 @@ void sp_reduce_(at::Tensor& partial, const GroupPtr& group,
 // it); replicated mode returns a copy.
 at::Tensor sp_gather(const at::Tensor& x, const GroupPtr& group,
                      int64_t sp_threshold = kDefaultSpThreshold, bool enabled = true);
+// In place: x [n, H] (contiguous) gets every rank's owned rows (sharded); replicated:
+// nothing to do.
+void sp_gather_(at::Tensor& x, const GroupPtr& group, int64_t sp_threshold = kDefaultSpThreshold,
+                bool enabled = true);
 
 // ("<op>.<path>", calls) for every op: compact ops count "sequential" /
 // "pipelined", layout-invariant ops "replicated" / "sharded".

@@ -113,6 +113,13 @@ def sp_gather(x: torch.Tensor, group: Group = None, sp_threshold: int = DEFAULT_
     return torch.ops.flashcomm.sp_gather(x, group_name(group), sp_threshold, enabled)
 
 
+def sp_gather_(x: torch.Tensor, group: Group = None, sp_threshold: int = DEFAULT_SP_THRESHOLD,
+               enabled: bool = True) -> None:
+    """In-place :func:`sp_gather`: ``x [n, H]`` (contiguous; sharded mode: the owned rows
+    valid) gets every rank's owned rows, so every row is valid. No allocation."""
+    torch.ops.flashcomm.sp_gather_(x, group_name(group), sp_threshold, enabled)
+
+
 def sp_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float, group: Group = None, sp_threshold: int = DEFAULT_SP_THRESHOLD,
                      enabled: bool = True, gather: bool = False) -> None:

@@ -23,12 +23,13 @@ layers -- per layer, in one real vLLM TP group (2 spawned ranks, 1 thread each, 
     norm    vLLM: torch.ops._C.fused_add_rms_norm (in place, on the same buffers every
             repeat) and vLLM's RMSNorm layer (its CPU forward, eager: native torch ops;
             inside the engine Inductor compiles it);
-            flashcomm: sp_add_rms_norm(gather=True), the op alone and through the
-            FlashcommRMSNorm layer (replicated: local; sharded: owned rows, then an
-            all-gather);
-    ar      the all-reduce alone: vLLM's tensor_model_parallel_all_reduce against
-            flashcomm's sp_reduce held replicated, on its own transport and through the
-            vLLM provider;
+            flashcomm: sp_add_rms_norm_(gather=True), in place like vLLM's (the target
+            applies to it), the allocating sp_add_rms_norm, and the FlashcommRMSNorm
+            layer, eager (its Python forward; in the engine Inductor removes it)
+            (replicated: local; sharded: owned rows, then an all-gather);
+    ar      the all-reduce alone, in place: vLLM's tensor_model_parallel_all_reduce
+            against flashcomm's sp_reduce_ held replicated, on its own transport and
+            through the vLLM provider;
     pair    for n above the threshold: row then norm, what a layer boundary costs
             (vLLM: row + _C.fused_add_rms_norm; flashcomm: converted row + norm layer).
   Timing: every call alone, after a gloo barrier and a one-element flashcomm
@@ -383,12 +384,15 @@ def _time_case(n: int, hidden: int, dtype, L: dict[str, Any], g, groups: dict[st
     diffs["norm"] = _max_diff(normed, hv, (0, n))  # gather=True: every row valid
     diffs["norm_residual"] = _max_diff(res, rv, valid)
     diffs["norm_op"] = diffs["norm"]  # the same op, called without the layer
+    diffs["norm_op_"] = diffs["norm"]
     diffs["norm_layer"] = _max_diff(L["v_norm"](h.clone(), resid.clone())[0], normed, (0, n))
 
     # vLLM's norms run in place on the same buffers every repeat (the residual grows by
     # one normed row per call: no overflow within any sensible number of repeats).
     h_c, r_c = h.clone(), resid.clone()
     h_l, r_l = h.clone(), resid.clone()
+    h_i, r_i = h.clone(), resid.clone()
+    y_own, y_fc = y.clone(), y.clone()
     r_pv, r_pf = resid.clone(), resid.clone()
     vllm_name, own_name = groups["vllm"], groups["own"]
 
@@ -409,9 +413,13 @@ def _time_case(n: int, hidden: int, dtype, L: dict[str, Any], g, groups: dict[st
         "norm.fc": lambda: L["f_norm"](h, resid),
         "norm.fc_op": lambda: torch.ops.flashcomm.sp_add_rms_norm(
             h, resid, w, EPS, vllm_name, sp_threshold, True, True),
+        "norm.fc_op_": lambda: torch.ops.flashcomm.sp_add_rms_norm_(
+            h_i, r_i, w, EPS, vllm_name, sp_threshold, True, True),
+        # All in place, as vLLM's all-reduce on CPU (values double per call: no overflow).
         "ar.vllm": lambda: tensor_model_parallel_all_reduce(y),
-        "ar.fc_own": lambda: torch.ops.flashcomm.sp_reduce(y, own_name, BIG_THRESHOLD, True),
-        "ar.fc": lambda: torch.ops.flashcomm.sp_reduce(y, vllm_name, BIG_THRESHOLD, True),
+        "ar.fc_own": lambda: torch.ops.flashcomm.sp_reduce_(y_own, own_name, BIG_THRESHOLD,
+                                                            True),
+        "ar.fc": lambda: torch.ops.flashcomm.sp_reduce_(y_fc, vllm_name, BIG_THRESHOLD, True),
     }
     if sharded:
         variants["pair.vllm"] = pair_vllm
@@ -425,10 +433,12 @@ COMPARISONS = (
     ("row", "row.vllm", "row.fc", "row: GEMM+AR | GEMM+sp_reduce (vLLM AR)", ROW_TARGET,
      "replicated"),
     ("row_own", "row.vllm", "row.fc_own", "row: ... | GEMM+sp_reduce (own shm)", None, "all"),
-    ("norm_op", "norm.vllm_C", "norm.fc_op", "norm op: _C.fused_add_rms_norm | "
-     "sp_add_rms_norm(gather)", NORM_TARGET, "all"),
+    ("norm_op_", "norm.vllm_C", "norm.fc_op_", "norm op: _C.fused_add_rms_norm | "
+     "sp_add_rms_norm_(gather)", NORM_TARGET, "all"),
+    ("norm_op", "norm.vllm_C", "norm.fc_op", "norm op: ... | sp_add_rms_norm(gather), "
+     "new outputs", None, "all"),
     ("norm", "norm.vllm_C", "norm.fc", "norm: _C.fused_add_rms_norm | FlashcommRMSNorm",
-     NORM_TARGET, "all"),
+     None, "all"),
     ("norm_layer", "norm.vllm_layer", "norm.fc", "norm: vLLM RMSNorm (eager) | "
      "FlashcommRMSNorm", None, "all"),
     ("ar_own", "ar.vllm", "ar.fc_own", "all-reduce: vLLM | sp_reduce (own shm)", None, "all"),

@@ -32,28 +32,19 @@ def _rank(hidden: int, kind: str, tokens: list[int], repeats: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    import flashcomm
     import vllm_bench as vb
-    from flashcomm.vllm import _compat
-    from flashcomm.vllm.standalone import init_vllm_tp
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
+    from vllm.distributed import tensor_model_parallel_all_reduce
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    init_vllm_tp()
+    groups, _ = vb.setup_groups(SP_THRESHOLD)
+    own = groups["own"]
     rank, tp = dist.get_rank(), dist.get_world_size()
-    group = get_tp_group()
-    gname = group.device_group.group_name
-    flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
-    flashcomm.init(gname, sp_threshold=SP_THRESHOLD, threshold=-1, enabled=True)
-    own = dist.new_group(list(range(tp)), backend="gloo").group_name
-    flashcomm.init(own, sp_threshold=SP_THRESHOLD, threshold=-1, enabled=True)
     one = torch.zeros(1, 1)
     dtype = getattr(torch, vb.KIND_DTYPE[kind])
     g = torch.Generator().manual_seed(1000 + rank)
     with set_current_vllm_config(VllmConfig()), set_default_torch_dtype(dtype):
-        layers = vb._build_layers(kind, hidden, dtype, g, {"vllm": gname, "own": own},
-                                  SP_THRESHOLD)
+        layers = vb._build_layers(kind, hidden, dtype, g, groups, SP_THRESHOLD)
     v, o = layers["v_row"], layers["o_row"]
     out = {}
     for n in tokens:

@@ -208,6 +208,29 @@ def _side_by_side(variants: dict[str, Callable[[], Any]], repeats: int, warmup: 
     return times
 
 
+def setup_groups(sp_threshold: int) -> tuple[dict[str, str], Any]:
+    """On every rank: vLLM's TP group as the plugin sets it up (convert_model: replicated
+    all-reduces through vLLM's communicator, settings agreed before the first forward),
+    and a second group on the same ranks with no provider (FLASHCOMM_VLLM_ALL_REDUCE=0:
+    flashcomm's own transport). Returns their c10d names, {"vllm": ..., "own": ...}, and
+    the own group (to destroy)."""
+    import torch.distributed as dist
+
+    import flashcomm
+    from flashcomm.vllm import _compat
+    from flashcomm.vllm.standalone import init_vllm_tp
+    from vllm.distributed import get_tp_group
+
+    init_vllm_tp()
+    group = get_tp_group()
+    gname = group.device_group.group_name
+    flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
+    flashcomm.init(gname, sp_threshold=sp_threshold, threshold=-1, enabled=True)
+    own = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+    flashcomm.init(own.group_name, sp_threshold=sp_threshold, threshold=-1, enabled=True)
+    return {"vllm": gname, "own": own.group_name}, own
+
+
 def _layers_rank(hidden_sizes: list[int], kinds: list[str], tokens: list[int], repeats: int,
                  warmup: int, sp_threshold: int) -> dict[str, Any]:
     """On every rank: build vLLM's and the converted layers per (kind, H), time them per
@@ -218,30 +241,18 @@ def _layers_rank(hidden_sizes: list[int], kinds: list[str], tokens: list[int], r
     import torch.distributed as dist
 
     import flashcomm
-    from flashcomm.vllm import _compat
-    from flashcomm.vllm.standalone import init_vllm_tp, vllm_tp_transport
+    from flashcomm.vllm.standalone import vllm_tp_transport
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    init_vllm_tp()
+    groups, own = setup_groups(sp_threshold)
     rank, tp = dist.get_rank(), dist.get_world_size()
-    group = get_tp_group()
-    # The plugin's set-up of vLLM's TP group (convert_model): replicated all-reduces
-    # through vLLM's communicator, settings agreed before the first forward.
-    gname = group.device_group.group_name
-    flashcomm.set_all_reduce_provider(gname, _compat.VLLM_ALL_REDUCE_OP, group.unique_name)
-    flashcomm.init(gname, sp_threshold=sp_threshold, threshold=-1, enabled=True)
-    # FLASHCOMM_VLLM_ALL_REDUCE=0: the same ranks, no provider, flashcomm's own transport.
-    own = dist.new_group(list(range(tp)), backend="gloo")
-    own_name = own.group_name
-    flashcomm.init(own_name, sp_threshold=sp_threshold, threshold=-1, enabled=True)
+    gname, own_name = groups["vllm"], groups["own"]
     one = torch.zeros(1, 1)  # [n, N]
 
     def sync() -> None:
         torch.ops.flashcomm.sp_reduce(one, own_name, BIG_THRESHOLD, True)
 
-    groups = {"vllm": gname, "own": own_name}
     g = torch.Generator().manual_seed(1000 + rank)  # each rank its own weight shard
     cases: list[dict[str, Any]] = []
     kernels: dict[str, str] = {}

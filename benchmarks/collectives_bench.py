@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -66,10 +67,20 @@ def _bench(repeats: int):
     rank, tp = dist.get_rank(), dist.get_world_size()
     ranks = list(range(tp))
     groups = {}
-    for transport in ("shm", "c10d"):
+    # "shm": the default all-reduce algorithm (one-shot at tp = 2, two-shot from 256 KiB at
+    # tp >= 3); "shm one-shot" / "shm two-shot": each forced (FLASHCOMM_SHM_TWO_SHOT_BYTES,
+    # read when the group is set up).
+    for name, transport, two_shot in (("shm", "shm", None), ("c10d", "c10d", None),
+                                      ("shm one-shot", "shm", str(1 << 62)),
+                                      ("shm two-shot", "shm", "0")):
         g = dist.new_group(ranks, backend="gloo")
-        flashcomm.init(g, transport=transport)
-        groups[transport] = g
+        if two_shot is not None:
+            os.environ["FLASHCOMM_SHM_TWO_SHOT_BYTES"] = two_shot
+        try:
+            flashcomm.init(g, transport=transport)
+        finally:
+            os.environ.pop("FLASHCOMM_SHM_TWO_SHOT_BYTES", None)
+        groups[name] = g
     raw = dist.new_group(ranks, backend="gloo")
     vllm_ar, vllm_transport = _vllm_all_reduce()
     tiny = torch.zeros(1, 1)
@@ -89,6 +100,10 @@ def _bench(repeats: int):
                 lambda: flashcomm.sp_reduce_(work, groups["shm"], BIG),
             ("all_reduce", "flashcomm shm, new output"):
                 lambda: flashcomm.sp_reduce(full, groups["shm"], BIG),
+            ("all_reduce", "flashcomm shm one-shot"):
+                lambda: flashcomm.sp_reduce_(work, groups["shm one-shot"], BIG),
+            ("all_reduce", "flashcomm shm two-shot"):
+                lambda: flashcomm.sp_reduce_(work, groups["shm two-shot"], BIG),
             ("all_reduce", "flashcomm c10d"):
                 lambda: flashcomm.sp_reduce_(work, groups["c10d"], BIG),
             ("all_reduce", "gloo"): lambda: dist.all_reduce(work, group=raw),

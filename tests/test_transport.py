@@ -231,6 +231,195 @@ def test_messages_over_the_budget_stream_exactly(rank_pools, tp):
 
 
 # ---------------------------------------------------------------------------------------
+# All-reduce algorithms (one-shot, two-shot) and overlapped reductions
+# ---------------------------------------------------------------------------------------
+
+NEVER = str(1 << 62)  # FLASHCOMM_SHM_TWO_SHOT_BYTES larger than any message
+
+
+def _with_env(env: dict[str, str], fn, *args):
+    """fn(*args) with ``env`` set in this rank (read when a fresh group is first used)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _all_reduces(dtype, n, K, N):
+    """A replicated sp_row_linear (the GEMM writes into the slot) and an sp_reduce of an
+    engine's partial, on a fresh shared-memory group; with the transport counters."""
+    rank, tp = rank_and_size()
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, K * tp, generator=g).to(dtype)
+    w = (torch.randn(N, K * tp, generator=g) / K**0.5).to(dtype)
+    partial = (torch.randn(n, N, generator=g) * (rank + 1)).to(dtype)
+    grp = _fresh_group("shm")
+    flashcomm.init(grp)
+    _row_linear_on(grp)  # set-up outside the counted calls
+    flashcomm.reset_stats()
+    out = {"linear": flashcomm.sp_row_linear(x[:, K * rank:K * rank + K],
+                                             w[:, K * rank:K * rank + K], None, grp, n),
+           "reduce": flashcomm.sp_reduce(partial, grp, n)}
+    return out, flashcomm.stats()["shm_all_reduce"], x.double() @ w.double().t()
+
+
+def _one_and_two_shot(dtype, n, K, N, budget):
+    env = {"FLASHCOMM_SHM_BYTES": str(budget)}
+    return {setting: _with_env({**env, "FLASHCOMM_SHM_TWO_SHOT_BYTES": setting},
+                               _all_reduces, dtype, n, K, N)
+            for setting in ("0", NEVER)}
+
+
+ALL_REDUCE_DTYPES = [torch.float32, torch.bfloat16]
+# (n, K, N): rows of odd widths (parts not on 64-byte lines); one piece, and many pieces
+# of a 64 KiB budget.
+ALL_REDUCE_SHAPES = [(7, 24, 33), (333, 40, 257)]
+
+
+@pytest.mark.parametrize("n,K,N", ALL_REDUCE_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_REDUCE_DTYPES)
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_two_shot_all_reduce_equals_one_shot_bitwise(rank_pools, tp, dtype, n, K, N):
+    results = rank_pools(tp).run(_one_and_two_shot, dtype, n, K, N, 64 << 10)
+    rows_per_step = (32 << 10) // (N * dtype.itemsize)  # a slot is half the budget
+    pieces = -(-n // rows_per_step)  # steps of one all-reduce
+    for rank, by_setting in enumerate(results):
+        (two, two_counts, dense), (one, one_counts, _) = by_setting["0"], by_setting[NEVER]
+        # Which algorithm ran: every step of both calls.
+        assert two_counts == {"one_shot": 0, "two_shot": 2 * pieces}, two_counts
+        assert one_counts == {"one_shot": 2 * pieces, "two_shot": 0}, one_counts
+        for what in ("linear", "reduce"):
+            # The same kernel sums each element in the same rank order.
+            assert torch.equal(two[what], one[what]), (rank, what)
+            assert torch.equal(two[what], results[0]["0"][0][what]), (rank, what)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relative_error(two["linear"], dense) < tol
+
+
+def _default_algorithm_by_size():
+    grp = _fresh_group("shm")
+    flashcomm.init(grp)
+    _row_linear_on(grp)
+    counts = {}
+    for rows in (8, 4096):  # 8 x 64 fp32 = 2 KiB; 4096 x 64 = 1 MiB (256 KiB steps ...)
+        flashcomm.reset_stats()
+        flashcomm.sp_reduce(torch.ones(rows, 64), grp, rows)
+        counts[rows] = flashcomm.stats()["shm_all_reduce"]
+    return counts
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_default_two_shot_from_three_ranks_and_256_kib(rank_pools, tp):
+    for counts in rank_pools(tp).run(_default_algorithm_by_size):
+        assert counts[8] == {"one_shot": 1, "two_shot": 0}, counts
+        big = counts[4096]
+        # A 2 MiB budget streams the 1 MiB message in steps of 1 MiB.
+        assert (big["two_shot"] > 0) == (tp >= 3) and (big["one_shot"] > 0) == (tp < 3), counts
+
+
+def _rank_two_shot_settings(settings):
+    return _with_env({"FLASHCOMM_SHM_TWO_SHOT_BYTES": settings[dist.get_rank()]},
+                     error_of, lambda: _row_linear_on(_fresh_group("shm")))
+
+
+def test_ranks_with_different_two_shot_sizes_fail_at_first_use(rank_pools):
+    for msg in rank_pools(2).run(_rank_two_shot_settings, ["0", "-1"]):
+        assert "FLASHCOMM_SHM_TWO_SHOT_BYTES" in msg and "rank 0 = 0, rank 1 = -1" in msg, msg
+
+
+def _first_use_with(var, value):
+    return _with_env({var: value}, error_of, lambda: _row_linear_on(_fresh_group("shm")))
+
+
+def test_bad_two_shot_and_overlap_values_name_the_variable(rank_pools):
+    for var, value in (("FLASHCOMM_SHM_TWO_SHOT_BYTES", "lots"),
+                       ("FLASHCOMM_SHM_OVERLAP", "sometimes")):
+        for msg in rank_pools(2).run(_first_use_with, var, value):
+            assert var in msg and value in msg, msg
+
+
+def _pipelined_reductions(overlap, dtype):
+    """Pipelined gemm_rs and a sharded sp_row_linear (many steps: a 64 KiB budget) with
+    the reductions overlapped or not; their outputs and the transport counters."""
+    rank, tp = rank_and_size()
+    g = torch.Generator().manual_seed(5)
+    n, K, N = 1003, 32, 96
+    x = torch.randn(n, K * tp, generator=g).to(dtype)
+    w = (torch.randn(N, K * tp, generator=g) / K**0.5).to(dtype)
+    xs, ws = x[:, K * rank:K * rank + K], w[:, K * rank:K * rank + K]
+
+    def run():
+        grp = _fresh_group("shm")
+        flashcomm.init(grp)
+        _row_linear_on(grp)
+        flashcomm.reset_stats()
+        c = -(-n // tp)
+        owned = slice(rank * c, min(n, rank * c + c))  # sp_row_linear's valid rows
+        outs = {"gemm_rs": flashcomm.gemm_rs(xs, ws, None, grp, threshold=0),
+                "sp_row_linear": flashcomm.sp_row_linear(xs, ws, None, grp, 0)[owned]}
+        return outs, flashcomm.stats()["shm_reduce"]
+
+    return _with_env({"FLASHCOMM_SHM_OVERLAP": overlap, "FLASHCOMM_SHM_BYTES": str(64 << 10)},
+                     run)
+
+
+@pytest.mark.parametrize("dtype", ALL_REDUCE_DTYPES)
+@pytest.mark.parametrize("tp", [2, 3])
+def test_overlapped_reductions_equal_inline_ones(rank_pools, tp, dtype):
+    pool = rank_pools(tp)
+    overlapped = pool.run(_pipelined_reductions, "on", dtype)
+    inline = pool.run(_pipelined_reductions, "off", dtype)
+    for (outs_on, counts_on), (outs_off, counts_off) in zip(overlapped, inline):
+        assert counts_on["overlapped"] > 2 and counts_on["inline"] == 0, counts_on
+        assert counts_off["inline"] == counts_on["overlapped"], counts_off
+        assert counts_off["overlapped"] == 0, counts_off
+        for op in outs_on:
+            assert torch.equal(outs_on[op], outs_off[op]), op
+
+
+def _auto_overlap(cpus, threads):
+    """The transport counters of one pipelined gemm_rs under FLASHCOMM_SHM_OVERLAP=auto
+    with this rank bound to ``cpus`` (None: as it is) and ``threads`` intra-op threads."""
+    saved_cpus, saved_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus[dist.get_rank()])
+        torch.set_num_threads(threads)
+        mine = os.sched_getaffinity(0)
+        _, counts = _pipelined_reductions("auto", torch.float32)
+        return sorted(mine), counts
+    finally:
+        os.sched_setaffinity(0, saved_cpus)
+        torch.set_num_threads(saved_threads)
+
+
+def test_auto_overlaps_only_with_a_spare_cpu(rank_pools):
+    cpus = sorted(os.sched_getaffinity(0))
+    pool = rank_pools(2)
+    cases = [(None, 1)]  # both ranks on every CPU, one thread each
+    if len(cpus) >= 2:
+        cases.append(([{cpus[0]}, {cpus[1]}], 1))  # a CPU each, no spare
+    if len(cpus) >= 4:
+        cases.append(([set(cpus[:2]), set(cpus[2:4])], 1))  # two CPUs each, one spare
+    for bind, threads in cases:
+        results = pool.run(_auto_overlap, bind, threads)
+        mine = [set(m) for m, _ in results]
+        for rank, (_, counts) in enumerate(results):
+            sharing = [r for r in range(2) if r == rank or mine[r] & mine[rank]]
+            shared = set().union(*(mine[r] for r in sharing))
+            spare = len(shared) > threads * len(sharing)
+            path = "overlapped" if spare else "inline"
+            assert counts[path] > 0 and counts["inline" if spare else "overlapped"] == 0, \
+                (bind, rank, counts)
+
+
+# ---------------------------------------------------------------------------------------
 # Nothing left behind: exception, SIGKILL mid-collective
 # ---------------------------------------------------------------------------------------
 

@@ -66,6 +66,8 @@ struct GroupState {
   bool force_collectives = false;
   bool debug_check = false;
   int64_t shm_bytes = kDefaultShmBytes;
+  int64_t shm_two_shot_bytes = -1;  // FLASHCOMM_SHM_TWO_SHOT_BYTES (-1: by group size)
+  ShmOverlap shm_overlap = ShmOverlap::kAuto;  // FLASHCOMM_SHM_OVERLAP (local, not agreed)
   std::unique_ptr<Transport> transport;  // chosen at first use, kept across re-agreements
   std::shared_ptr<const AllReduceProvider> provider;  // read with atomic_load
 };
@@ -89,6 +91,8 @@ std::shared_ptr<GroupState> state_for(const std::string& key, const void* identi
     fresh->force_collectives = env_flag("FLASHCOMM_DEBUG_FORCE_COLLECTIVES");
     fresh->debug_check = env_flag("FLASHCOMM_DEBUG_CHECK");
     fresh->shm_bytes = shm_bytes_from_env();
+    fresh->shm_two_shot_bytes = shm_two_shot_bytes_from_env();
+    fresh->shm_overlap = shm_overlap_from_env();
     slot = std::move(fresh);
   }
   if (slot->pg_identity == nullptr) slot->pg_identity = identity;
@@ -178,6 +182,8 @@ std::vector<core::Setting> group_settings(const GroupState& st,
                           "; 0 auto, 1 c10d, 2 shm)",
                       static_cast<int64_t>(st.requested)});
   settings.push_back({"shared-memory budget FLASHCOMM_SHM_BYTES", st.shm_bytes});
+  settings.push_back({"two-shot all-reduce size FLASHCOMM_SHM_TWO_SHOT_BYTES",
+                      st.shm_two_shot_bytes});
   settings.push_back({"FLASHCOMM_DEBUG_CHECK", st.debug_check ? 1 : 0});
   settings.insert(settings.end(), call_settings.begin(), call_settings.end());
   return settings;
@@ -214,7 +220,7 @@ void setup(const Group& g, const char* op, const at::Device& device,
     std::unique_ptr<Transport> chosen;
     if (st.requested != TransportKind::kC10d && g.collective()) {
       chosen = try_make_shm_transport(g, device, st.requested == TransportKind::kShm,
-                                      st.shm_bytes);
+                                      st.shm_bytes, st.shm_two_shot_bytes, st.shm_overlap);
     }
     st.transport = chosen ? std::move(chosen)
                           : make_c10d_transport(g.process_group_ptr(), g.name(), c10d_options);

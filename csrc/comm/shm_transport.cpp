@@ -1,10 +1,19 @@
 #include "comm/shm_transport.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Logging.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <thread>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -17,6 +26,7 @@
 #include "comm/fingerprint.h"
 #include "core/agreement.h"
 #include "core/shm/channel.h"
+#include "core/stats.h"
 #include "kernels/cpu/reduce.h"
 
 namespace flashcomm::comm {
@@ -33,14 +43,46 @@ int64_t shm_bytes_from_env() {
   return bytes;
 }
 
+int64_t shm_two_shot_bytes_from_env() {
+  const char* v = std::getenv("FLASHCOMM_SHM_TWO_SHOT_BYTES");
+  if (v == nullptr || v[0] == '\0') return -1;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && bytes >= -1,
+              "FLASHCOMM_SHM_TWO_SHOT_BYTES must be -1 (by group size), 0 (always) or a number "
+              "of bytes, got '", v, "'");
+  return bytes;
+}
+
+ShmOverlap shm_overlap_from_env() {
+  const char* v = std::getenv("FLASHCOMM_SHM_OVERLAP");
+  if (v == nullptr || v[0] == '\0') return ShmOverlap::kAuto;
+  const std::string text(v);
+  if (text == "auto") return ShmOverlap::kAuto;
+  if (text == "1" || text == "on") return ShmOverlap::kOn;
+  if (text == "0" || text == "off") return ShmOverlap::kOff;
+  TORCH_CHECK(false, "FLASHCOMM_SHM_OVERLAP must be 'auto', 'on' (1) or 'off' (0), got '", v,
+              "'");
+}
+
+int64_t two_shot_threshold(int64_t setting, int64_t tp) {
+  if (tp < 2) return std::numeric_limits<int64_t>::max();
+  if (setting >= 0) return setting;
+  return tp >= 3 ? kDefaultTwoShotBytes : std::numeric_limits<int64_t>::max();
+}
+
 namespace {
+
+// The two phases of a two-shot all-reduce step, in the shared fingerprint's kind (bits
+// 24..31), so a rank that ran one-shot against a peer's two-shot is reported, not misread.
+enum Phase : uint32_t { kOneShot = 0, kScatterPhase = 1, kGatherPhase = 2 };
 
 // Our fingerprint (fingerprint.h) in the protocol's fixed record: the collective,
 // the caller's mode and strategy in `kind`; the op and its token count as tags.
-shm::Fingerprint to_shm(const Fingerprint& f, int piece) {
+shm::Fingerprint to_shm(const Fingerprint& f, int piece, Phase phase) {
   shm::Fingerprint s;
   s.kind = static_cast<uint32_t>(f.kind) | static_cast<uint32_t>(f.mode + 1) << 8 |
-           static_cast<uint32_t>(f.strategy + 1) << 16;
+           static_cast<uint32_t>(f.strategy + 1) << 16 | static_cast<uint32_t>(phase) << 24;
   s.dtype = static_cast<uint32_t>(f.dtype);
   s.bytes = static_cast<uint64_t>(f.bytes);
   s.call = static_cast<uint64_t>(f.call);
@@ -64,7 +106,113 @@ Fingerprint from_shm(const shm::Fingerprint& s) {
 }
 
 std::string describe_shm(const shm::Fingerprint& s) {
-  return from_shm(s).describe() + ", piece " + std::to_string(s.piece);
+  const uint32_t phase = s.kind >> 24;
+  return from_shm(s).describe() + ", piece " + std::to_string(s.piece) +
+         (phase == kScatterPhase  ? " (two-shot, reduce phase)"
+          : phase == kGatherPhase ? " (two-shot, gather phase)"
+                                  : "");
+}
+
+// Rank d's part of a two-shot step of `count` elements of `elem` bytes: elements
+// [part_begin(d), part_begin(d + 1)). Boundaries on 64-byte multiples, so every rank's sum
+// runs on whole cache lines of the slots; rank-invariant.
+int64_t part_begin(int64_t count, int64_t elem, int64_t tp, int64_t d) {
+  const int64_t unit = std::max<int64_t>(1, 64 / elem);
+  const int64_t per_rank = (count + tp * unit - 1) / (tp * unit) * unit;
+  return std::min(count, per_rank * d);
+}
+
+// A thread that sums the reductions of fused steps while the caller's thread runs the GEMM
+// of the next step. It only reads slots and writes the ops' outputs; the channel stays
+// driven by the caller's thread alone (channel.h). Ordering: a task is submitted after the
+// caller's wait_all() (acquire loads of the peers' `published`), and the queue's mutex
+// carries that to the helper, so it reads complete slots; the caller learns of completion
+// under the same mutex before its finish() (release store of `finished`), so a peer reuses
+// its slot only after the helper is done reading it.
+class ReduceHelper {
+ public:
+  ReduceHelper() : thread_([this] { run(); }) {}
+  ~ReduceHelper() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  ReduceHelper(const ReduceHelper&) = delete;
+  ReduceHelper& operator=(const ReduceHelper&) = delete;
+
+  // Queues `task`; returns its ticket (tasks run in submission order).
+  uint64_t submit(std::function<void()> task) {
+    uint64_t ticket;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket = ++submitted_;
+      queue_.emplace_back(ticket, std::move(task));
+    }
+    cv_.notify_all();
+    return ticket;
+  }
+
+  // Blocks until task `ticket` ran; rethrows what it threw.
+  void wait(uint64_t ticket) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return completed_ >= ticket; });
+    if (failed_ticket_ == ticket) {
+      std::exception_ptr e = std::exchange(failure_, nullptr);
+      failed_ticket_ = 0;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop_ and nothing left
+      auto [ticket, task] = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        task();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      if (error && !failure_) {
+        failure_ = error;
+        failed_ticket_ = ticket;
+      }
+      completed_ = ticket;
+      done_cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::deque<std::pair<uint64_t, std::function<void()>>> queue_;
+  uint64_t submitted_ = 0, completed_ = 0, failed_ticket_ = 0;
+  std::exception_ptr failure_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts after the members it uses exist
+};
+
+// This process's CPUs (sched_getaffinity) as kAffinityWords 64-bit words.
+constexpr int kAffinityWords = CPU_SETSIZE / 64;
+std::vector<int64_t> affinity_words() {
+  std::vector<int64_t> words(kAffinityWords, 0);
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return words;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) {
+      words[cpu / 64] |= static_cast<int64_t>(uint64_t{1} << (cpu % 64));
+    }
+  }
+  return words;
 }
 
 // A tensor over `bytes` of shared memory (no ownership: valid while its step is).
@@ -74,11 +222,18 @@ at::Tensor view(uint8_t* base, at::IntArrayRef sizes, const at::TensorOptions& o
 
 class ShmTransport final : public Transport {
  public:
+  // `shared_cpus`: the CPUs of this rank and of every rank whose CPUs overlap its own;
+  // `sharing_ranks`: how many ranks those are (this one included).
   ShmTransport(std::unique_ptr<shm::Channel> channel, std::string group_name,
-               std::unique_ptr<Transport> fallback)
+               std::unique_ptr<Transport> fallback, int64_t two_shot_bytes, ShmOverlap overlap,
+               int64_t shared_cpus, int64_t sharing_ranks)
       : channel_(std::move(channel)),
         name_(std::move(group_name)),
-        fallback_(std::move(fallback)) {}
+        fallback_(std::move(fallback)),
+        two_shot_bytes_(two_shot_bytes),
+        overlap_(overlap),
+        shared_cpus_(shared_cpus),
+        sharing_ranks_(sharing_ranks) {}
 
   const char* name() const override { return "shm"; }
   int max_in_flight() const override { return 2; }
@@ -99,8 +254,57 @@ class ShmTransport final : public Transport {
     }
   }
 
-  shm::Channel::Step begin(const Fingerprint& fp, int piece, const CallInfo& call) {
-    return guard(call, [&] { return channel_->begin(to_shm(fp, piece)); });
+  shm::Channel::Step begin(const Fingerprint& fp, int piece, const CallInfo& call,
+                           Phase phase = kOneShot) {
+    return guard(call, [&] { return channel_->begin(to_shm(fp, piece, phase)); });
+  }
+
+  // Whether an all-reduce step of `bytes` per rank runs two-shot (rank-invariant).
+  bool two_shot(int64_t bytes) const { return bytes >= two_shot_bytes_; }
+
+  // Whether the reductions of fused steps go to the helper thread, overlapped with the
+  // next step's GEMM: forced on or off, or (auto) when the CPUs this rank shares with its
+  // peers outnumber the GEMM threads all of them run, so the helper has a core to itself.
+  // A local choice: every rank runs the same steps with the same fingerprints either way,
+  // only which of its threads sums them differs, so ranks need not agree on it.
+  bool overlap_now() const {
+    if (overlap_ != ShmOverlap::kAuto) return overlap_ == ShmOverlap::kOn;
+    return shared_cpus_ > static_cast<int64_t>(at::get_num_threads()) * sharing_ranks_;
+  }
+  ReduceHelper& helper() {
+    if (!helper_) helper_ = std::make_unique<ReduceHelper>();
+    return *helper_;
+  }
+
+  // The rest of a two-shot all-reduce step once this rank has written its `count`
+  // elements into its slot of `a` (begun with kScatterPhase): publish a; every rank sums
+  // its part of every rank's slot of a straight into its own slot of step b; then every
+  // rank copies every rank's part of b into `dst` (which may be where the slot's data
+  // came from). Results are bitwise equal on every rank (each part is summed once) and
+  // to the one-shot sum (the same kernel sums each element in the same rank order).
+  void finish_two_shot(const shm::Channel::Step& a, const Fingerprint& fp, int piece,
+                       int64_t count, c10::ScalarType dtype, uint8_t* dst, const CallInfo& call) {
+    const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+    const int64_t mine = part_begin(count, elem, size(), rank());
+    const int64_t mine_end = part_begin(count, elem, size(), rank() + 1);
+    guard(call, [&] {
+      channel_->publish(a);
+      channel_->wait_all(a);
+      // b may begin now: a is published, and b - 2 (the previous step) is finished.
+      const auto b = channel_->begin(to_shm(fp, piece, kGatherPhase));
+      if (mine_end > mine) {
+        reduce_slots(a, mine * elem, mine_end - mine, dtype, slot(rank(), b) + mine * elem);
+      }
+      channel_->finish(a);
+      channel_->publish(b);
+      channel_->wait_all(b);
+      for (int64_t d = 0; d < size(); ++d) {
+        const int64_t lo = part_begin(count, elem, size(), d);
+        const int64_t hi = part_begin(count, elem, size(), d + 1);
+        if (hi > lo) std::memcpy(dst + lo * elem, slot(d, b) + lo * elem, (hi - lo) * elem);
+      }
+      channel_->finish(b);
+    });
   }
 
   uint8_t* slot(int64_t r, const shm::Channel::Step& step) const {
@@ -114,7 +318,8 @@ class ShmTransport final : public Transport {
     std::vector<const void*> srcs(size());
     for (int64_t d = 0; d < size(); ++d) srcs[d] = slot(d, step) + offset;
     if (kernels::sum_supports(dtype)) {
-      kernels::sum_kernel.get()(dst, srcs.data(), static_cast<int>(size()), count, dtype);
+      kernels::sum_kernel.get()(dst, srcs.data(), static_cast<int>(size()), count, dtype,
+                                /*parallel=*/true);
       return;
     }
     const auto options = at::TensorOptions().dtype(dtype);
@@ -152,7 +357,11 @@ class ShmTransport final : public Transport {
   std::unique_ptr<shm::Channel> channel_;
   std::string name_;
   std::unique_ptr<Transport> fallback_;  // tensors that are not on the CPU
+  int64_t two_shot_bytes_;               // two_shot_threshold(): agreed, rank-invariant
+  ShmOverlap overlap_;
+  int64_t shared_cpus_, sharing_ranks_;  // see the constructor
   uint64_t calls_ = 0;                   // collectives issued (fingerprints)
+  std::unique_ptr<ReduceHelper> helper_;  // started at the first overlapped step
 };
 
 // --- fused steps ---------------------------------------------------------------------------
@@ -170,8 +379,10 @@ class ShmReduceStep final : public ReduceStep {
     TORCH_CHECK(bytes <= t_.step_capacity(), call.op, ": a step of ", bytes,
                 " bytes exceeds the shared-memory slot of ", t_.step_capacity(), " bytes");
     const Collective kind = scatter_ ? Collective::kReduceScatter : Collective::kAllReduce;
-    step_ = t_.begin(make_fingerprint(kind, out_.scalar_type(), bytes, call, t_.next_call()), piece,
-                     call_);
+    two_shot_ = !scatter_ && t_.two_shot(bytes);
+    fp_ = make_fingerprint(kind, out_.scalar_type(), bytes, call, t_.next_call());
+    piece_ = piece;
+    step_ = t_.begin(fp_, piece, call_, two_shot_ ? kScatterPhase : kOneShot);
   }
 
   at::Tensor send_buffer() override {
@@ -179,25 +390,74 @@ class ShmReduceStep final : public ReduceStep {
     return view(t_.slot(t_.rank(), step_), {rows, out_.size(1)}, out_.options());
   }
 
+  ~ShmReduceStep() override {
+    // Abandoned with its sum still running (the caller failed): the helper must be done
+    // with `out_` and the slots before they go.
+    if (ticket_ != 0) {
+      try {
+        t_.helper().wait(ticket_);
+      } catch (...) {
+      }
+    }
+  }
+
   void start() override {
+    auto& stats = core::Stats::instance();
+    if (two_shot_) {
+      t_.finish_two_shot(step_, fp_, piece_, out_.numel(), out_.scalar_type(),
+                         static_cast<uint8_t*>(out_.data_ptr()), call_);
+      stats.record(core::TransportPath::kAllReduceTwoShot);
+      return;
+    }
+    if (!scatter_) stats.record(core::TransportPath::kAllReduceOneShot);
     t_.guard(call_, [&] {
       t_.channel().publish(step_);
       t_.channel().wait_all(step_);
       // Reduce-scatter: this rank's block r sits at the same offset in every slot.
       const int64_t offset = scatter_ ? t_.rank() * out_.numel() * out_.element_size() : 0;
+      // Only reduce-scatter steps overlap. An all-reduce step may run two-shot, which
+      // begins a second step, and that needs every earlier step finished.
+      if (scatter_ && kernels::sum_supports(out_.scalar_type()) && t_.overlap_now()) {
+        // Summed by the helper while this thread computes the next step; wait() finishes.
+        std::vector<const void*> srcs(t_.size());
+        for (int64_t d = 0; d < t_.size(); ++d) srcs[d] = t_.slot(d, step_) + offset;
+        ticket_ = t_.helper().submit([srcs = std::move(srcs), out = out_.data_ptr(),
+                                      count = out_.numel(), dtype = out_.scalar_type()] {
+          kernels::sum_kernel.get()(out, srcs.data(), static_cast<int>(srcs.size()), count,
+                                    dtype, /*parallel=*/false);
+        });
+        stats.record(core::TransportPath::kReduceOverlapped);
+        return;
+      }
       t_.reduce_slots(step_, offset, out_.numel(), out_.scalar_type(), out_.data_ptr());
       t_.channel().finish(step_);
+      stats.record(core::TransportPath::kReduceInline);
     });
   }
 
-  void wait() override {}
+  void wait() override {
+    if (ticket_ == 0) return;
+    const uint64_t ticket = std::exchange(ticket_, 0);
+    try {
+      t_.helper().wait(ticket);
+    } catch (const std::exception& e) {
+      // The peers wait for this rank's finish(): tell them instead of letting them time out.
+      t_.channel().abort(std::string(call_.op) + ": the overlapped reduction failed: " + e.what());
+      throw;
+    }
+    t_.guard(call_, [&] { t_.channel().finish(step_); });
+  }
 
  private:
   ShmTransport& t_;
   at::Tensor out_;
   CallInfo call_;
   bool scatter_;
+  bool two_shot_ = false;
+  Fingerprint fp_;
+  int piece_ = 0;
   shm::Channel::Step step_;
+  uint64_t ticket_ = 0;  // the helper's task summing this step, 0 when none is pending
 };
 
 // One all-gather chunk: each rank's rows in its own slot; the consumer reads the
@@ -293,18 +553,19 @@ void ShmTransport::stream(const Fingerprint& fp, int64_t total, int64_t per_piec
 void ShmTransport::all_reduce(at::Tensor& t, const CallInfo& call) {
   if (!t.device().is_cpu()) return fallback_->all_reduce(t, call);
   TORCH_INTERNAL_ASSERT(t.is_contiguous());
-  const int64_t elem = t.element_size();
-  uint8_t* data = static_cast<uint8_t*>(t.data_ptr());
-  stream(
-      make_fingerprint(Collective::kAllReduce, t, call, next_call()), t.numel(),
-      piece_elems(1, elem), call,
-      [&](const Step& step, int64_t off, int64_t count) {
-        std::memcpy(slot(rank(), step), data + off * elem, count * elem);
-      },
-      // Every rank sums the same slots in the same order: bitwise-equal results.
-      [&](const Step& step, int64_t off, int64_t count) {
-        reduce_slots(step, 0, count, t.scalar_type(), data + off * elem);
-      });
+  // The fused steps' protocol (one-shot or two-shot by size) on pieces that fit a slot,
+  // each copied into this rank's slot and summed back into t.
+  at::Tensor flat = t.view({-1});
+  const int64_t per_piece = piece_elems(1, t.element_size());
+  int piece = 0;
+  for (int64_t off = 0; off < flat.numel(); off += per_piece) {
+    const int64_t count = std::min(per_piece, flat.numel() - off);
+    at::Tensor rows = flat.narrow(0, off, count).view({1, count});
+    ShmReduceStep step(*this, rows, call, piece++, /*scatter=*/false);
+    step.send_buffer().copy_(rows);
+    step.start();
+    step.wait();
+  }
 }
 
 void ShmTransport::reduce_scatter(at::Tensor& out, const at::Tensor& in, const CallInfo& call) {
@@ -401,7 +662,8 @@ int64_t first_failure(const Group& g, bool ok, const char* op) {
 }  // namespace
 
 std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Device& device,
-                                                  bool required, int64_t shm_bytes) {
+                                                  bool required, int64_t shm_bytes,
+                                                  int64_t two_shot_bytes, ShmOverlap overlap) {
   constexpr const char* kOp = "flashcomm transport set-up";
   auto refuse = [&](const std::string& why) -> std::unique_ptr<Transport> {
     TORCH_CHECK(!required, "flashcomm: the shared-memory transport was requested for group '",
@@ -493,7 +755,25 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
                       : "rank " + std::to_string(failed) + " could not map its peers' segments");
   }
   auto fallback = make_c10d_transport(g.process_group_ptr(), g.name(), C10dOptions());
-  return std::make_unique<ShmTransport>(std::move(channel), g.name(), std::move(fallback));
+  // Which ranks share CPUs with this one (ranks bound to disjoint cores share none).
+  const std::vector<int64_t> masks = exchange_over_process_group(
+      g, at::tensor(affinity_words(), at::TensorOptions().dtype(at::kLong)), kOp);
+  const int64_t* own = masks.data() + g.rank() * kAffinityWords;
+  std::vector<uint64_t> shared(own, own + kAffinityWords);
+  int64_t sharing_ranks = 0;
+  for (int64_t r = 0; r < g.size(); ++r) {
+    const int64_t* theirs = masks.data() + r * kAffinityWords;
+    bool overlaps = false;
+    for (int w = 0; w < kAffinityWords; ++w) overlaps |= (own[w] & theirs[w]) != 0;
+    if (!overlaps && r != g.rank()) continue;
+    ++sharing_ranks;
+    for (int w = 0; w < kAffinityWords; ++w) shared[w] |= static_cast<uint64_t>(theirs[w]);
+  }
+  int64_t shared_cpus = 0;
+  for (uint64_t w : shared) shared_cpus += __builtin_popcountll(w);
+  return std::make_unique<ShmTransport>(std::move(channel), g.name(), std::move(fallback),
+                                        two_shot_threshold(two_shot_bytes, g.size()), overlap,
+                                        shared_cpus, sharing_ranks);
 }
 
 }  // namespace flashcomm::comm

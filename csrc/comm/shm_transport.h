@@ -21,12 +21,36 @@ inline constexpr int64_t kDefaultShmBytes = int64_t{2} << 20;
 // it is not a positive integer of at least 64 KiB).
 int64_t shm_bytes_from_env();
 
+// All-reduces (plain and fused steps) of at least this many bytes per rank run two-shot
+// (reduce-scatter of the slots, each rank summing 1/tp of the elements into its next slot,
+// then an all-gather of those sums) instead of one-shot (every rank sums every slot). Per
+// rank and step of S bytes, one-shot reads tp*S of slots; two-shot reads 2*S and writes S/tp
+// more, at the price of a second synchronisation. Hence by group size: at tp = 2 one-shot
+// reads no more than two-shot (never switch); from tp = 3 two-shot from this size on.
+inline constexpr int64_t kDefaultTwoShotBytes = int64_t{256} << 10;
+
+// FLASHCOMM_SHM_TWO_SHOT_BYTES: -1 (unset: by group size, above), 0 (always two-shot), or a
+// byte count; an error names the variable otherwise. Rank-invariant (agreed with the settings).
+int64_t shm_two_shot_bytes_from_env();
+// The threshold a group of `tp` ranks uses for `setting` (the value above); INT64_MAX: never.
+int64_t two_shot_threshold(int64_t setting, int64_t tp);
+
+// Whether the reductions of the fused GEMM + reduce-scatter steps run on a helper thread,
+// overlapped with the GEMM of the next step, or back to back on the calling thread while
+// the slots are still in cache. auto: overlapped when
+// the CPUs this rank shares with its peers outnumber the GEMM threads they all run (a core
+// left for the helper), e.g. ranks bound to 8 cores each with 7 intra-op threads.
+enum class ShmOverlap : int { kAuto = 0, kOn = 1, kOff = 2 };
+// FLASHCOMM_SHM_OVERLAP = auto (unset) | on | off; an error names the variable otherwise.
+ShmOverlap shm_overlap_from_env();
+
 // Collective over the group. The shared-memory transport when every rank is a CPU
 // process on this host whose segment every peer can map (proven by a token each
 // rank writes and every peer reads back), agreed through the ProcessGroup;
 // otherwise nullptr and one log line saying why -- or, when `required`, an error
 // saying why on every rank.
 std::unique_ptr<Transport> try_make_shm_transport(const Group& group, const at::Device& device,
-                                                  bool required, int64_t shm_bytes);
+                                                  bool required, int64_t shm_bytes,
+                                                  int64_t two_shot_bytes, ShmOverlap overlap);
 
 }  // namespace flashcomm::comm

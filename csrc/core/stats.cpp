@@ -31,6 +31,21 @@ const char* op_name(OpId op) {
   }
 }
 
+const char* transport_path_name(TransportPath p) {
+  switch (p) {
+    case TransportPath::kAllReduceOneShot:
+      return "shm_all_reduce.one_shot";
+    case TransportPath::kAllReduceTwoShot:
+      return "shm_all_reduce.two_shot";
+    case TransportPath::kReduceInline:
+      return "shm_reduce.inline";
+    case TransportPath::kReduceOverlapped:
+      return "shm_reduce.overlapped";
+    default:
+      return "unknown.unknown";
+  }
+}
+
 bool is_layout_invariant(OpId op) {
   return static_cast<int>(op) >= static_cast<int>(OpId::kSpRowLinear);
 }
@@ -64,6 +79,14 @@ int64_t Stats::count(OpId op, Mode m) const {
   return slot(op, static_cast<int>(m)).load(std::memory_order_relaxed);
 }
 
+void Stats::record(TransportPath p) {
+  transport_[static_cast<int>(p)].fetch_add(1, std::memory_order_relaxed);
+}
+
+int64_t Stats::count(TransportPath p) const {
+  return transport_[static_cast<int>(p)].load(std::memory_order_relaxed);
+}
+
 std::vector<std::pair<std::string, int64_t>> Stats::snapshot() const {
   std::vector<std::pair<std::string, int64_t>> out;
   for (int i = 0; i < static_cast<int>(OpId::kCount); ++i) {
@@ -75,11 +98,16 @@ std::vector<std::pair<std::string, int64_t>> Stats::snapshot() const {
                        slot(op, path).load(std::memory_order_relaxed));
     }
   }
+  for (int i = 0; i < static_cast<int>(TransportPath::kCount); ++i) {
+    out.emplace_back(transport_path_name(static_cast<TransportPath>(i)),
+                     transport_[i].load(std::memory_order_relaxed));
+  }
   return out;
 }
 
 void Stats::reset() {
   for (auto& c : counts_) c.store(0, std::memory_order_relaxed);
+  for (auto& c : transport_) c.store(0, std::memory_order_relaxed);
 }
 
 }  // namespace flashcomm::core

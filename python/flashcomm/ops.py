@@ -173,7 +173,10 @@ def stats() -> dict[str, dict[str, int]]:
     """Calls per op and path since the last reset (this process only): the kernel
     strategy of the compact ops, the layout mode of the layout-invariant ops, e.g.
     ``{"gemm_rs": {"sequential": 3, "pipelined": 1}, ...,
-    "sp_row_linear": {"replicated": 2, "sharded": 1}, ...}``."""
+    "sp_row_linear": {"replicated": 2, "sharded": 1}, ...}``; and the shared-memory
+    transport's steps by algorithm: ``"shm_all_reduce": {"one_shot", "two_shot"}`` and
+    ``"shm_reduce": {"inline", "overlapped"}`` (reduce-scatter sums on the calling thread
+    or on the helper thread)."""
     names, counts = torch.ops.flashcomm.stats()
     out: dict[str, dict[str, int]] = {}
     for name, count in zip(names, counts):

@@ -48,9 +48,14 @@ void sum_reduced(T* out, const T* const* srcs, int num_srcs, int64_t begin, int6
 }
 
 template <typename T, typename Body>
-void parallel_sum(void* out, const void* const* srcs, int num_srcs, int64_t count, Body body) {
+void parallel_sum(void* out, const void* const* srcs, int num_srcs, int64_t count, bool parallel,
+                  Body body) {
   T* o = static_cast<T*>(out);
   const T* const* s = reinterpret_cast<const T* const*>(srcs);
+  if (!parallel) {
+    body(o, s, num_srcs, 0, count);
+    return;
+  }
   at::parallel_for(0, count, kGrain,
                    [&](int64_t begin, int64_t end) { body(o, s, num_srcs, begin, end); });
 }
@@ -58,16 +63,16 @@ void parallel_sum(void* out, const void* const* srcs, int num_srcs, int64_t coun
 }  // namespace
 
 void sum_impl(void* out, const void* const* srcs, int num_srcs, int64_t count,
-              c10::ScalarType dtype) {
+              c10::ScalarType dtype, bool parallel) {
   switch (dtype) {
     case c10::kFloat:
-      parallel_sum<float>(out, srcs, num_srcs, count, sum_float);
+      parallel_sum<float>(out, srcs, num_srcs, count, parallel, sum_float);
       break;
     case c10::kBFloat16:
-      parallel_sum<c10::BFloat16>(out, srcs, num_srcs, count, sum_reduced<c10::BFloat16>);
+      parallel_sum<c10::BFloat16>(out, srcs, num_srcs, count, parallel, sum_reduced<c10::BFloat16>);
       break;
     case c10::kHalf:
-      parallel_sum<c10::Half>(out, srcs, num_srcs, count, sum_reduced<c10::Half>);
+      parallel_sum<c10::Half>(out, srcs, num_srcs, count, parallel, sum_reduced<c10::Half>);
       break;
     default:
       TORCH_CHECK(false, "flashcomm sum kernel: unsupported dtype ", dtype);

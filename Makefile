@@ -89,7 +89,7 @@ fuzz: build
 SAN_BUILD := build/sanitize
 SAN_LOGS  := $(SAN_BUILD)/logs
 SAN_PYTESTS := tests/test_gemm_rs.py tests/test_ag_gemm.py tests/test_w8a8.py \
-  tests/test_numerics.py tests/test_properties.py
+  tests/test_numerics.py tests/test_properties.py tests/test_transport.py
 # Leak checking is on for the C++ tests, off under Python (the interpreter's own
 # allocations at exit are not ours).
 SAN_ASAN = abort_on_error=1:log_path=$(CURDIR)/$(SAN_LOGS)/asan

@@ -13,6 +13,10 @@ log() { echo "== $* ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)
 log "collectives: shm vs gloo vs vLLM's shm all-reduce"
 "$PY" benchmarks/collectives_bench.py --tp 2 --repeats 25 --json "$OUT/collectives_cpu2.json" \
   | tee "$OUT/collectives_cpu2.txt"
+"$PY" benchmarks/collectives_bench.py --tp 4 --repeats 15 \
+  --json "$OUT/collectives_tp4_cpu2.json" | tee "$OUT/collectives_tp4_cpu2.txt"
+log "pipelined gemm_rs: reductions overlapped on a helper thread vs back to back"
+"$PY" benchmarks/overlap_bench.py --tp 2 --threads 1 --repeats 15 | tee "$OUT/overlap_cpu2.txt"
 log "op overhead at decode sizes (C++, one-rank group)"
 build/cmake/op_overhead 20000 | tee "$OUT/op_overhead_cpu2.txt"
 log "kernels: packed GEMMs, W8A8 vs fp32 / bf16 / vLLM"
@@ -35,6 +39,9 @@ if "$PY" -c "import vllm" 2>/dev/null; then
     | tee "$OUT/vllm_layers_cpu2.txt"
   log "vLLM end to end"
   "$PY" benchmarks/vllm_bench.py e2e --json "$OUT/vllm_e2e_cpu2.json" | tee "$OUT/vllm_e2e_cpu2.txt"
+  log "vLLM W8A8 decode step under torch.profiler, flashcomm on and off"
+  "$PY" benchmarks/profile_decode.py --kind w8a8 --rounds 2 \
+    --txt "$OUT/profile_decode_w8a8_cpu2.txt" --json "$OUT/profile_decode_w8a8_cpu2.json"
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2
 fi

@@ -552,6 +552,37 @@ def _make_checkpoint(folder: Path, kind: str) -> Path:
     return folder
 
 
+def run_engine_process(cmd: list[str], env: dict[str, str], cwd: Path, out: Path,
+                       log_path: Path, what: str, timeout_s: int) -> dict[str, Any]:
+    """Runs one engine process (``vllm_bench_engine.py``), its log written to ``log_path``;
+    returns its result JSON ``out`` with the wall time and the /dev/shm segments vLLM left
+    (removed). An engine over ``timeout_s`` is killed with its own processes."""
+    from flashcomm.tools import vllm_engine as tv
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=str(cwd))
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # The engine's own processes (engine core, workers) go with it.
+        for pid in [*tv.descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log, _ = proc.communicate()
+        log_path.write_text(log)
+        raise RuntimeError(f"{what} took more than {timeout_s} s (--engine-timeout); log "
+                           f"tail:\n{log[-4000:]}") from None
+    log_path.write_text(log)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{what} failed, exit {proc.returncode}; log tail:\n{log[-4000:]}")
+    res = json.loads(out.read_text())
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["shm_removed"], res["shm_left"] = tv.remove_left_shm(res.pop("shm_mapped"))
+    return res
+
+
 def _run_engine(tmp: Path, model: Path, kind: str, variant: str, round_: int,
                 args: argparse.Namespace) -> dict[str, Any]:
     """One engine process (vllm_bench_engine.py) in the variant's environment."""
@@ -566,31 +597,8 @@ def _run_engine(tmp: Path, model: Path, kind: str, variant: str, round_: int,
            "--prefill-len", str(args.prefill_len), "--decode-seqs", str(args.decode_seqs),
            "--decode-tokens", str(args.decode_tokens), "--warmups", str(args.warmups),
            "--repeats", str(args.repeats)]
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=str(tmp))
-    try:
-        log, _ = proc.communicate(timeout=args.engine_timeout)
-    except subprocess.TimeoutExpired:
-        # The engine's own processes (engine core, workers) go with it.
-        for pid in [*tv.descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log, _ = proc.communicate()
-        (tmp / (out.stem + ".log")).write_text(log)
-        raise RuntimeError(f"engine {kind}/{variant} (round {round_}) took more than "
-                           f"{args.engine_timeout} s (--engine-timeout); log tail:\n"
-                           f"{log[-4000:]}") from None
-    (tmp / (out.stem + ".log")).write_text(log)
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"engine {kind}/{variant} (round {round_}) failed, exit "
-                           f"{proc.returncode}; log tail:\n{log[-4000:]}")
-    res = json.loads(out.read_text())
-    res["wall_s"] = round(time.time() - t0, 1)
-    res["shm_removed"], res["shm_left"] = tv.remove_left_shm(res.pop("shm_mapped"))
-    return res
+    return run_engine_process(cmd, env, tmp, out, tmp / (out.stem + ".log"),
+                              f"engine {kind}/{variant} (round {round_})", args.engine_timeout)
 
 
 def _worker_summary(res: dict[str, Any]) -> dict[str, Any]:

@@ -431,7 +431,7 @@ class ShmReduceStep final : public ReduceStep {
       }
       t_.reduce_slots(step_, offset, out_.numel(), out_.scalar_type(), out_.data_ptr());
       t_.channel().finish(step_);
-      stats.record(core::TransportPath::kReduceInline);
+      if (scatter_) stats.record(core::TransportPath::kReduceInline);
     });
   }
 

@@ -35,7 +35,7 @@ const char* op_name(OpId op);
 bool is_layout_invariant(OpId op);
 
 // Steps of the shared-memory transport by algorithm, so tests see which one ran:
-// all-reduce steps one-shot or two-shot; reductions of fused steps summed by the
+// all-reduce steps one-shot or two-shot; reduce-scatter steps summed by the
 // calling thread or, overlapped with the next step's GEMM, by the transport's helper.
 enum class TransportPath : int {
   kAllReduceOneShot = 0,

@@ -5,11 +5,31 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <functional>
 #include <optional>
 
 
 namespace flashcomm::ops {
+
+// Rows [begin, begin + count) of t: t itself when that is every row. At decode sizes a
+// dispatched view (narrow -> slice -> as_strided) costs as much as a small kernel.
+inline at::Tensor row_range(const at::Tensor& t, int64_t begin, int64_t count) {
+  return begin == 0 && count == t.size(0) ? t : t.narrow(0, begin, count);
+}
+
+// dst.copy_(src) for equally shaped tensors; a plain memcpy (no dispatch, no iterator)
+// when both are contiguous CPU tensors of one dtype.
+inline void copy_rows(at::Tensor& dst, const at::Tensor& src) {
+  if (dst.device().is_cpu() && src.device().is_cpu() && dst.scalar_type() == src.scalar_type() &&
+      dst.is_contiguous() && src.is_contiguous() && dst.sizes() == src.sizes()) {
+    if (src.numel() > 0) {
+      std::memcpy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size());
+    }
+  } else {
+    dst.copy_(src);
+  }
+}
 
 // Writes the partial product of global token rows [row_begin, row_begin + rows)
 // into `out` ([rows, N], row-contiguous, the linear's output dtype). `out` may be

@@ -157,7 +157,7 @@ void gemm_all_reduce(const comm::Group& group, const RowLinear& linear, at::Tens
       group.transport().max_in_flight(), [](std::unique_ptr<comm::ReduceStep>& s) { s->wait(); });
   int piece = 0;
   for (const RowRange& rows : steps) {
-    auto step = group.transport().all_reduce_step(out.narrow(0, rows.begin, rows.size()), call,
+    auto step = group.transport().all_reduce_step(row_range(out, rows.begin, rows.size()), call,
                                                   piece++);
     at::Tensor send = step->send_buffer();
     linear.gemm(rows.begin, rows.size(), send);

@@ -230,7 +230,7 @@ void norm_into(const ModeCall& mc, const at::Tensor& x, const std::optional<at::
                at::Tensor residual_out) {
   const int64_t n = x.size(0);
   const RowRange rows = mc.mode == Mode::kReplicated ? RowRange{0, n} : owned(mc.group, n);
-  auto slice = [&](const at::Tensor& t) { return t.narrow(0, rows.begin, rows.size()); };
+  auto slice = [&](const at::Tensor& t) { return ops::row_range(t, rows.begin, rows.size()); };
   if (rows.size() > 0) {
     const std::optional<at::Tensor> residual_rows =
         residual.has_value() ? std::optional<at::Tensor>(slice(*residual)) : std::nullopt;
@@ -281,8 +281,8 @@ ops::RowLinear partial_rows(const at::Tensor& partial) {
   copy.out_features = partial.size(1);
   copy.out_options = partial.options();
   copy.gemm = [partial](int64_t row_begin, int64_t rows, at::Tensor& out) {
-    const at::Tensor src = partial.narrow(0, row_begin, rows);
-    if (src.data_ptr() != out.data_ptr()) out.copy_(src);
+    const at::Tensor src = ops::row_range(partial, row_begin, rows);
+    if (src.data_ptr() != out.data_ptr()) ops::copy_rows(out, src);
   };
   return copy;
 }

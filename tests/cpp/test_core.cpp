@@ -149,20 +149,25 @@ TEST(Stats, CountsPerOpAndStrategyAcrossThreads) {
   }
   for (auto& t : threads) t.join();
   s.record(OpId::kGemmRsW8A8, Strategy::kSequential);
+  s.record(TransportPath::kAllReduceTwoShot);
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 4000);
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kSequential), 0);
+  EXPECT_EQ(s.count(TransportPath::kAllReduceTwoShot), 1);
+  EXPECT_EQ(s.count(TransportPath::kAllReduceOneShot), 0);
   const auto snap = s.snapshot();
-  EXPECT_EQ(snap.size(), 2u * static_cast<size_t>(OpId::kCount));
-  bool found = false;
+  EXPECT_EQ(snap.size(), 2u * static_cast<size_t>(OpId::kCount) +
+                             static_cast<size_t>(TransportPath::kCount));
+  int found = 0;
   for (const auto& [name, count] : snap) {
-    if (name == "gemm_rs_w8a8.sequential") {
-      found = true;
-      EXPECT_EQ(count, 1);
+    if (name == "gemm_rs_w8a8.sequential" || name == "shm_all_reduce.two_shot") {
+      ++found;
+      EXPECT_EQ(count, 1) << name;
     }
   }
-  EXPECT_TRUE(found);
+  EXPECT_EQ(found, 2);
   s.reset();
   EXPECT_EQ(s.count(OpId::kAgGemm, Strategy::kPipelined), 0);
+  EXPECT_EQ(s.count(TransportPath::kAllReduceTwoShot), 0);
 }
 
 TEST(Agreement, NamesEveryDifferingSettingWithEachRanksValue) {

@@ -131,8 +131,13 @@ int64_t part_begin(int64_t count, int64_t elem, int64_t tp, int64_t d) {
 // its slot only after the helper is done reading it.
 class ReduceHelper {
  public:
-  ReduceHelper() : thread_([this] { run(); }) {}
+  ReduceHelper() : owner_(getpid()), thread_([this] { run(); }) {}
   ~ReduceHelper() {
+    if (getpid() != owner_) {
+      // A forked child inherits this object but not the thread: nothing to join.
+      thread_.detach();
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -197,6 +202,7 @@ class ReduceHelper {
   uint64_t submitted_ = 0, completed_ = 0, failed_ticket_ = 0;
   std::exception_ptr failure_;
   bool stop_ = false;
+  pid_t owner_;         // the process whose thread this is
   std::thread thread_;  // last: starts after the members it uses exist
 };
 

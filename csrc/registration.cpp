@@ -209,6 +209,8 @@ TORCH_LIBRARY(flashcomm, m) {
 
   // The library version (pyproject.toml's, compiled in).
   m.def("version() -> str", TORCH_FN(version_op));
+  // The CPU kernels' ISA and the extensions flashcomm may use ("avx512 avx512_bf16 ...").
+  m.def("cpu_features() -> str", TORCH_FN(cpu_features_op));
   // The defaults (include/flashcomm/defaults.h and the transport's) as parallel lists.
   m.def("defaults() -> (str[], int[])", TORCH_FN(defaults_op));
   // The layout mode rule: "sharded" iff enabled and tp > 1 and n > sp_threshold.

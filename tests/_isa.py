@@ -1,6 +1,7 @@
-"""Running a test module again in a child process forced to one CPU ISA
-(ATEN_CPU_CAPABILITY), so every compiled variant of flashcomm's multi-ISA kernels is
-checked on this machine: the kernel tables follow ATen's capability."""
+"""Running a test module again in a child process that sees a lesser x86 CPU
+(:mod:`flashcomm.tools.cpu_view`: ATen's capability, oneDNN's ISA cap, flashcomm's own
+extension use and vLLM's probes, together), so the kernel, packing and W8A8 paths of
+every CPU class below this machine's run here."""
 
 from __future__ import annotations
 
@@ -8,48 +9,57 @@ import os
 import re
 import subprocess
 import sys
-from typing import Optional
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-ISAS = ["default", "avx2", "avx512"]
+import flashcomm
+from flashcomm.tools.cpu_view import VIEWS, views_below_machine
 
-
-def machine_isas() -> list[str]:
-    """The ISA variants this machine and torch can run (ATen's own detection)."""
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    if best not in ISAS:  # another architecture: only the portable variant exists
-        return ["default"]
-    return ISAS[: ISAS.index(best) + 1]
+# The views below this machine, lowest last ([] on a CPU with no vector ISA to cap).
+LOWER_VIEWS = views_below_machine()
+_VIEW_ENV = "FLASHCOMM_TEST_CPU_VIEW"
 
 
 def in_child(child_env: str) -> bool:
     return bool(os.environ.get(child_env))
 
 
-def check_requested_isa_is_active(child_env: str) -> None:
-    """In an ISA child: ATen runs the ISA the parent asked for (else: skip)."""
-    requested = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not in_child(child_env) or not requested:
-        pytest.skip("only in an ISA child process")
-    assert torch.backends.cpu.get_cpu_capability().lower() == requested
+def check_requested_view_is_active(child_env: str) -> None:
+    """In a view child: ATen, flashcomm, oneDNN and torch.cpu's probes all see the view
+    the parent asked for (else: skip, in the parent)."""
+    name = os.environ.get(_VIEW_ENV)
+    if not in_child(child_env) or name is None:
+        pytest.skip("only in a CPU-view child process")
+    view = VIEWS[name]
+    assert torch.backends.cpu.get_cpu_capability().lower() == view.aten
+    features = flashcomm.cpu_features()
+    assert features[0] == view.aten, features
+    if view.onednn in ("AVX2", "AVX512_CORE", "SSE41"):
+        assert features == [view.aten], f"{name}: flashcomm still uses {features[1:]}"
+    assert os.environ.get("ONEDNN_MAX_CPU_ISA") == view.onednn
+    for probe in view.hidden:
+        if hasattr(torch.cpu, probe):
+            assert getattr(torch.cpu, probe)() is False, probe
 
 
-def rerun_module_with_isa(module_file: str, isa: str, child_env: str, deselect: str,
-                          min_passed: int, extra_env: Optional[dict[str, str]] = None,
-                          timeout_s: int = 1800) -> None:
+def rerun_module_in_view(module_file: str, view: str, child_env: str, deselect: str,
+                         min_passed: int, timeout_s: int = 1800) -> str:
     """Reruns ``module_file``'s tests except ``deselect`` (a -k expression) in a child
-    forced to ``isa``; asserts it passed more than ``min_passed`` tests (not a run that
-    skipped everything). Skips an ISA this machine cannot run."""
-    if isa not in machine_isas():
-        pytest.skip(f"this CPU/torch runs only {machine_isas()}, not {isa}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, **(extra_env or {}), **{child_env: "1"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", module_file,
-         "-k", f"not ({deselect})"],
-        env=env, capture_output=True, text=True, timeout=timeout_s)
-    report = f"{isa} {extra_env or ''}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    that sees CPU view ``view``; asserts it passed more than ``min_passed`` tests (not a
+    run that skipped everything) and returns its output."""
+    with tempfile.TemporaryDirectory(prefix="fc_view_") as tmp:
+        from flashcomm.tools.cpu_view import view_env
+        env = view_env(Path(tmp), view)
+        env.update({child_env: "1", _VIEW_ENV: view})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider",
+             module_file, "-k", f"not ({deselect})"],
+            env=env, capture_output=True, text=True, timeout=timeout_s)
+    report = f"view {view!r} ({VIEWS[view].like}):\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert proc.returncode == 0, report
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed is not None and int(passed.group(1)) > min_passed, report
+    return proc.stdout

@@ -28,6 +28,7 @@ from flashcomm.tools.reference import (feature_slice, quantize_weight_per_channe
 from flashcomm.weights import is_packed, packing_supported, packs_by_default, prepare_linear
 
 from _cases import RTOL, rank_and_size
+from _isa import LOWER_VIEWS, check_requested_view_is_active, in_child, rerun_module_in_view
 
 K, N = 64, 48
 FP_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -400,3 +401,25 @@ def test_packed_weight_is_rejected_by_plain_torch():
     p = prepare_linear(torch.randn(N, K), pack=True)
     with pytest.raises(RuntimeError):
         torch.nn.functional.linear(torch.randn(2, K), p)
+
+
+# --- CPU views: the oneDNN paths of lesser CPUs ---------------------------------------
+
+# AVX2 only (AMD Zen 2/3): oneDNN's int8 GEMM there sums pairs in 16-bit lanes, and there
+# is no bf16 packing. (The worst-case packed int8 product in every view:
+# tests/test_quant_kernels.py.)
+PACKING_VIEWS = [v for v in LOWER_VIEWS if v == "avx2"]
+_CHILD_ENV = "FLASHCOMM_PACKED_VIEW_CHILD"
+
+
+def test_requested_view_is_active():
+    check_requested_view_is_active(_CHILD_ENV)
+
+
+@pytest.mark.parametrize("view", PACKING_VIEWS)
+def test_cpu_view(view):
+    """Reruns the packed-vs-plain and prepare tests in a child that sees ``view``: what
+    packs there is exact, what cannot be exact is refused."""
+    if in_child(_CHILD_ENV):
+        pytest.skip("runs in the parent process only")
+    rerun_module_in_view(__file__, view, _CHILD_ENV, "cpu_view or compile or opcheck", 10)

@@ -3,7 +3,8 @@ straight into the GEMM's input or the all-gather payload, dequantisation into th
 output) and the int8 GEMMs (plain ``_int_mm`` and the packed oneDNN weight),
 exercised through the public ops ``gemm_rs_w8a8`` / ``ag_gemm_w8a8`` /
 ``sp_*_linear_w8a8`` on a 1-rank gloo group against an independent reference
-written here, for every ISA variant the machine has.
+written here, on this machine and in a child process per CPU view below it
+(``tests/_isa.py``: ATen's, oneDNN's and flashcomm's dispatch capped together).
 
 The reference follows the numerics contract of csrc/ops/quant.h step by step in
 float32 (quantise, exact integer GEMM, then ``((acc - zp*rowsum) * s_x) * s_w +
@@ -22,8 +23,8 @@ import torch.distributed as dist
 
 import flashcomm
 
-from _isa import ISAS, check_requested_isa_is_active, rerun_module_with_isa
-from flashcomm.weights import packing_supported, prepare_linear
+from _isa import LOWER_VIEWS, check_requested_view_is_active, rerun_module_in_view
+from flashcomm.weights import is_packed, packing_supported, packs_by_default, prepare_linear
 
 # dynamic: per-token from float x; static(_asym): per-tensor scale (+ zero point);
 # int8_*: x already quantised, per-tensor or per-token scales.
@@ -40,8 +41,8 @@ NAN, INF = float("nan"), float("inf")
 STATIC_SCALE = 0.05
 ZERO_POINT = 7
 SEED = 0
-# The ISA variant tests rerun this module in a child per ATEN_CPU_CAPABILITY;
-# the child skips the tests that do not depend on the kernels' ISA.
+# The view tests rerun this module in a child per CPU view; the child skips the tests
+# that do not depend on the kernels' ISA.
 _CHILD_ENV = "FLASHCOMM_QUANT_ISA_CHILD"
 
 
@@ -290,15 +291,55 @@ def test_larger_blocks(group_name):
         assert_bitwise(got, ref_output(q, s, w, w_scale, None, bias, torch.bfloat16), kind)
 
 
-# --- every ISA variant ---------------------------------------------------------
+# --- worst-case int8 through the packed weight ----------------------------------
 
-def test_requested_isa_is_active():
-    check_requested_isa_is_active(_CHILD_ENV)
+WORST_K = 4096
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_isa_variant(isa):
-    """Reruns the kernel tests of this module in a child forced to one ISA
-    (ATEN_CPU_CAPABILITY), so every compiled variant is checked on this machine."""
+def test_packed_int8_worst_case_or_refused(group_name):
+    """u8 255 against s8 -128 / 127 (int8 127 after oneDNN's s8 -> u8 shift), K = 4096,
+    through the public op with a packed weight, bitwise against the exact result; or,
+    where this CPU (or view) cannot pack int8 exactly, prepare_linear(pack=True) refuses
+    with the reason and pack=None keeps the weight plain. Runs in every view child."""
+    g = torch.Generator().manual_seed(SEED + 3)
+    # Runs of four equal weights: every adjacent pair holds two equal extremes.
+    signs = torch.where((torch.arange(WORST_K) // 4 + torch.arange(N)[:, None]) % 2 == 0, 1, -1)
+    w = torch.where(signs > 0, 127, -128).to(torch.int8)
+    w[:, -8:] = torch.randint(-128, 128, (N, 8), generator=g, dtype=torch.int8)
+    x = torch.full((4, WORST_K), 127, dtype=torch.int8)
+    x[1] = -128
+    x[2] = torch.randint(-128, 128, (WORST_K,), generator=g, dtype=torch.int8)
+    x[3, ::2] = -128
+    scale = torch.tensor([STATIC_SCALE])
+    w_scale = torch.rand(N, generator=g) * 0.02 + 1e-3
+    want = ref_output(x, scale, w, w_scale, None, None, torch.float32)
+    if packing_supported(torch.int8):
+        w_op = prepare_linear(w, pack=True)
+        assert is_packed(w_op)
+        got = flashcomm.gemm_rs_w8a8(x, w_op, w_scale, scale, None, None, group_name,
+                                     torch.float32)
+        assert_bitwise(got, want, "packed int8, worst case")
+        print(f"\n{flashcomm.cpu_features()}: int8 packs, exact at K = {WORST_K}")
+    else:
+        with pytest.raises(RuntimeError, match=r"cannot pack int8 weights \(.*not exact"):
+            prepare_linear(w, pack=True)
+        assert not packs_by_default(torch.int8, (N, WORST_K))
+        assert not is_packed(prepare_linear(w))
+        print(f"\n{flashcomm.cpu_features()}: int8 packing refused")
+    # The plain weight is exact on every CPU.
+    got = flashcomm.gemm_rs_w8a8(x, w, w_scale, scale, None, None, group_name, torch.float32)
+    assert_bitwise(got, want, "plain int8, worst case")
+
+
+# --- every CPU view below this machine -------------------------------------------
+
+def test_requested_view_is_active():
+    check_requested_view_is_active(_CHILD_ENV)
+
+
+@pytest.mark.parametrize("view", LOWER_VIEWS)
+def test_cpu_view(view):
+    """Reruns the kernel tests of this module in a child that sees CPU view ``view``, so
+    every compiled variant and oneDNN path of the CPUs below this one is checked here."""
     child_skip()
-    rerun_module_with_isa(__file__, isa, _CHILD_ENV, "isa_variant", len(K_SIZES) * len(OUT_DTYPES))
+    rerun_module_in_view(__file__, view, _CHILD_ENV, "cpu_view", len(K_SIZES) * len(OUT_DTYPES))

@@ -14,6 +14,7 @@ from flashcomm.tools.reference import (feature_slice, gemm_rs_w8a8_reference, in
 
 from _cases import (RTOL, THRESHOLD, TPS, assert_ran, call_and_count, expected_strategy,
                     rank_and_size, token_counts)
+from _isa import LOWER_VIEWS, check_requested_view_is_active, in_child, rerun_module_in_view
 
 K, N = 64, 48
 MODES = ["dynamic", "static", "static_asym", "int8_static", "int8_per_token"]
@@ -146,3 +147,23 @@ def test_dequantised_result_close_to_fp32(ranks):
     got = ranks(1).run(_dynamic_w8a8_on_rank, x, w_q, w_scale)[0]
     err = relative_error(got, x.double() @ w.double().t())
     assert 0 < err <= W8A8_VS_FP32_RTOL
+
+
+# --- CPU views ------------------------------------------------------------------------
+
+# AVX2 only (AMD Zen 2/3): int8 GEMMs without VNNI. The kernels of every view are covered
+# by tests/test_quant_kernels.py.
+W8A8_VIEWS = [v for v in LOWER_VIEWS if v == "avx2"]
+_CHILD_ENV = "FLASHCOMM_W8A8_VIEW_CHILD"
+
+
+def test_requested_view_is_active():
+    check_requested_view_is_active(_CHILD_ENV)
+
+
+@pytest.mark.parametrize("view", W8A8_VIEWS)
+def test_cpu_view(view):
+    """Reruns this module's tests on real gloo groups in a child that sees ``view``."""
+    if in_child(_CHILD_ENV):
+        pytest.skip("runs in the parent process only")
+    rerun_module_in_view(__file__, view, _CHILD_ENV, "cpu_view", 50)

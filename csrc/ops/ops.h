@@ -89,6 +89,7 @@ void set_capturing_for_testing_op(bool capturing);
 
 // The policy and shard arithmetic of csrc/core, for Python (one source of each rule).
 std::string version_op();
+std::string cpu_features_op();
 std::tuple<std::vector<std::string>, std::vector<int64_t>> defaults_op();
 std::string sp_mode_op(int64_t n, int64_t tp, int64_t sp_threshold, bool enabled);
 std::string strategy_op(int64_t n, int64_t tp, int64_t threshold, bool enabled);

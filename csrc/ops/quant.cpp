@@ -140,13 +140,36 @@ void ActivationQuantizer::write_payload(int64_t begin, int64_t count, at::Tensor
   }
 }
 
+namespace {
+
+// Whether at::_int_mm is exact on this CPU. torch runs it through oneDNN, whose int8
+// GEMM on a CPU without VNNI or AMX (or with ONEDNN_MAX_CPU_ISA below them) may sum
+// u8 x s8 pairs in saturating 16-bit lanes; there the exact fallback below runs.
+// Probed once per process on the worst-case operands.
+bool cpu_int_mm_exact() {
+  static const bool exact = [] {
+    try {
+      const auto [x64, w64] = worst_case_operands(at::kChar);
+      const at::Tensor got = at::_int_mm(x64.to(at::kChar), w64.to(at::kChar).t());
+      return at::equal(got.to(at::kLong), at::mm(x64, w64.t()).to(at::kLong));
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return exact;
+}
+
+}  // namespace
+
 at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& weight) {
   const int64_t m = a.size(0), K = a.size(1), N = weight.size(0);
   const at::TensorOptions acc_options = a.options().dtype(at::kInt);
   if (m == 0 || N == 0 || K == 0) return at::zeros({m, N}, acc_options);
   if (weight_format(weight) == WeightFormat::kPackedInt8) return packed_int8_matmul(a, weight);
   // CPU _int_mm returns garbage for K == 1 (torch 2.13).
-  if (a.device().is_cpu() && K > 1) return at::_int_mm(a.contiguous(), weight.t());
+  if (a.device().is_cpu() && K > 1 && cpu_int_mm_exact()) {
+    return at::_int_mm(a.contiguous(), weight.t());
+  }
   if (a.device().is_cuda() && K % 8 == 0 && N % 8 == 0) {
     // cuBLASLt's int8 GEMM: a row-major with more than 16 rows, W^T column-major
     // (W row-major: prepare_linear_weight returns it contiguous, so this is free).
@@ -158,8 +181,9 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& weight) {
     padded.narrow(0, 0, m).copy_(a);
     return at::_int_mm(padded, w_t).narrow(0, 0, m);
   }
-  // Exact fallback (K or N not a multiple of 8 on CUDA, K == 1 on CPU, other
-  // devices): every partial sum of int8 products is an integer below 2^31 < 2^53.
+  // Exact fallback (K or N not a multiple of 8 on CUDA, K == 1 or an inexact _int_mm on
+  // CPU, other devices): every partial sum of int8 products is an integer below 2^31 <
+  // 2^53, and fp64 GEMMs know no reduced-precision mode.
   return at::mm(a.to(at::kDouble), weight.to(at::kDouble).t()).to(at::kInt);
 }
 

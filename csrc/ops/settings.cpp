@@ -7,6 +7,7 @@
 #include "comm/shm_transport.h"
 #include "core/policy.h"
 #include "core/stats.h"
+#include "kernels/cpu/isa.h"
 #include "ops/ops.h"
 
 namespace flashcomm {
@@ -95,6 +96,16 @@ void set_capturing_for_testing_op(bool capturing) {
 }
 
 std::string version_op() { return kVersion; }
+
+std::string cpu_features_op() {
+  using kernels::CpuExt;
+  std::string out = kernels::isa_name(kernels::cpu_isa());
+  for (CpuExt ext : {CpuExt::kAvxVnni, CpuExt::kAvx512Vnni, CpuExt::kAvx512Bf16,
+                     CpuExt::kAmxInt8, CpuExt::kAmxBf16}) {
+    if (kernels::cpu_has(ext)) out += std::string(" ") + kernels::cpu_ext_name(ext);
+  }
+  return out;
+}
 
 std::tuple<std::vector<std::string>, std::vector<int64_t>> defaults_op() {
   return {{"threshold", "sp_threshold", "max_chunks", "min_chunk_rows", "shm_bytes"},

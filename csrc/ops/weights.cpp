@@ -1,5 +1,7 @@
 #include "ops/weights.h"
 
+#include "kernels/cpu/isa.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/Utils.h>
 #include <c10/core/GradMode.h>
@@ -10,6 +12,7 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace flashcomm {
 namespace ops {
@@ -52,13 +55,9 @@ bool mkldnn_flag(const char* name) {
   return call_one(op, name, {}).toBool();
 }
 
-bool cpu_has(const std::unordered_map<std::string, c10::IValue>& caps, const char* feature) {
-  const auto it = caps.find(feature);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
-}
-
-// Where packing pays (auto mode), per dtype and weight size, on CPUs with native
-// instructions for the dtype. Measured on this project's Xeon (AMX-BF16/INT8,
+// Where packing pays (auto mode), per dtype and weight size, on CPUs whose native
+// instructions for the dtype oneDNN may use (kernels::cpu_has honours
+// ONEDNN_MAX_CPU_ISA). Measured on this project's Xeon (AMX-BF16/INT8,
 // AVX512-BF16/FP16/VNNI), 1 thread, benchmarks/kernel_bench.py (rough: shared box):
 //   bf16: packed (oneDNN, AMX) 0.15-0.8x at::mm's time for n <= 128, equal above;
 //         but it costs ~15-20 us of oneDNN set-up per call, so below N*K = 32K
@@ -69,18 +68,37 @@ bool cpu_has(const std::unordered_map<std::string, c10::IValue>& caps, const cha
 //         vs 16 us);
 //   fp32: packed 0.55x at n = 8, 1.3x at n = 1 (set-up), equal from n = 64: kept plain;
 //   fp16: no gain either way here (no AMX-FP16): kept plain.
+// Without VNNI or AMX, int8 is never packed by default: oneDNN's int8 GEMM there sums
+// u8 x s8 pairs in saturating 16-bit lanes (the probe below refuses it).
 bool packing_pays(c10::ScalarType dtype, int64_t numel) {
-  static const auto caps = at::cpu::get_cpu_capabilities();
+  using kernels::CpuExt;
+  using kernels::cpu_has;
   switch (dtype) {
     case at::kBFloat16:
       return numel >= (int64_t{1} << 15) &&
-             (cpu_has(caps, "amx_bf16") || cpu_has(caps, "avx512_bf16"));
+             (cpu_has(CpuExt::kAmxBf16) || cpu_has(CpuExt::kAvx512Bf16));
     case at::kChar:
       return numel >= (int64_t{1} << 19) &&
-             (cpu_has(caps, "amx_int8") || cpu_has(caps, "avx512_vnni") ||
-              cpu_has(caps, "avx_vnni"));
+             (cpu_has(CpuExt::kAmxInt8) || cpu_has(CpuExt::kAvx512Vnni) ||
+              cpu_has(CpuExt::kAvxVnni));
     default:
       return false;
+  }
+}
+
+// The name users write (torch.int8, not c10's "Char").
+const char* dtype_name(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    case at::kChar:
+      return "int8";
+    default:
+      return c10::toString(dtype);
   }
 }
 
@@ -133,8 +151,77 @@ struct PackingProbe {
   std::string reason;
 };
 
-// Packs a small weight of small integers (exact in every dtype) and checks that
-// the packed product equals the exact one.
+// Worst-case operands of one dtype: integers with every mantissa bit of the dtype in
+// use, so that any rounding of an input (e.g. fp32 computed in bf16) or any partial sum
+// kept in a narrower accumulator than the contract's shows.
+struct ProbeMagnitudes {
+  int64_t x_max;  // |x| <= x_max, exact in the dtype
+  int64_t w_max;  // |w| <= w_max
+  int64_t half_k;  // K = 2 * half_k + 1
+};
+
+ProbeMagnitudes probe_magnitudes(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kChar:  // int32 accumulation: K = 4097 at full range, as in a real layer
+      return {127, 128, 2048};
+    case at::kBFloat16:  // 8 significant bits; every partial sum exact in fp32
+      return {255, 255, 128};
+    case at::kHalf:  // 11 bits; the products fit fp16, the partial sums do not
+      return {2047, 15, 256};
+    default:  // fp32: 12 bits (more than bf16's 8 or tf32's 11)
+      return {4095, 15, 128};
+  }
+}
+
+}  // namespace
+
+// Each row's second half negates its first half, so partial sums grow to K/2 * |x| * |w|
+// and the total comes back to the product of the last column; for int8 the weights hold
+// +127 / -128 runs against x = 127 (u8 255 after oneDNN's s8 -> u8 shift) and a row of
+// full-range values.
+std::pair<at::Tensor, at::Tensor> worst_case_operands(c10::ScalarType dtype) {
+  const ProbeMagnitudes mag = probe_magnitudes(dtype);
+  const int64_t K = 2 * mag.half_k + 1;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor k = at::arange(mag.half_k, f64);
+  // Integers in [max - max/2, max], spread over the range.
+  const auto spread = [&](int64_t max, int64_t salt) {
+    return (k.mul(37).add(salt).remainder(max / 2 + 1)).add(max - max / 2);
+  };
+  const auto halves = [&](const at::Tensor& first, double last) {
+    return at::cat({first, first.neg(), at::full({1}, last, f64)});
+  };
+  std::vector<at::Tensor> x_rows, w_rows;
+  for (int64_t i = 0; i < 3; ++i) {
+    x_rows.push_back(halves(spread(mag.x_max, 11 * i), static_cast<double>(i + 1)));
+  }
+  for (int64_t n = 0; n < 16; ++n) {
+    // int8: runs of four equal values, so every adjacent pair a 16-bit pair sum adds
+    // holds two equal extremes.
+    at::Tensor first = dtype == at::kChar
+                           ? at::where(k.div(4).floor().add(n).remainder(2).eq(0), 127.0,
+                                       -128.0)
+                           : spread(mag.w_max, 7 * n).mul(n % 2 == 0 ? 1 : -1);
+    w_rows.push_back(at::cat({first, first, at::full({1}, static_cast<double>(n - 8), f64)}));
+  }
+  at::Tensor x = at::stack(x_rows);
+  if (dtype == at::kChar) {
+    // All 127 (u8 255 after the shift, the worst case) and a full-range row.
+    x[0].fill_(127);
+    x[1] = at::arange(K, f64).mul(97).remainder(256).sub(128);
+  }
+  // Row 3: the first half at +max only, unbalanced (a large, exactly representable total
+  // for int8's int32 accumulator; for floats scaled down to keep the total exact).
+  at::Tensor last = at::cat({spread(mag.x_max, 5), at::zeros({mag.half_k + 1}, f64)});
+  if (dtype != at::kChar) last = last.div(mag.x_max).floor();
+  x = at::cat({x, last.unsqueeze(0)});
+  return {x, at::stack(w_rows)};
+}
+
+namespace {
+
+// Packs a weight of worst-case integers and checks that the packed product equals the
+// exact one, rounded once to the output dtype.
 PackingProbe probe_packing(c10::ScalarType dtype) {
   try {
     if (dtype == at::kBFloat16 && !mkldnn_flag("mkldnn::_is_mkldnn_bf16_supported")) {
@@ -143,21 +230,31 @@ PackingProbe probe_packing(c10::ScalarType dtype) {
     if (dtype == at::kHalf && !mkldnn_flag("mkldnn::_is_mkldnn_fp16_supported")) {
       return {false, "oneDNN has no float16 support on this CPU"};
     }
-    const at::Tensor w64 = at::arange(16 * 40, at::kDouble).reshape({16, 40}).remainder(7).sub(3);
-    const at::Tensor x64 = at::arange(3 * 40, at::kDouble).reshape({3, 40}).remainder(5).sub(2);
-    const at::Tensor want = at::mm(x64, w64.t());
+    const auto [x64, w64] = worst_case_operands(dtype);
+    const at::Tensor exact = at::mm(x64, w64.t());  // every partial sum < 2^53: exact
     const at::Tensor packed = pack(w64.to(dtype));
     if (packed.sizes() != w64.sizes() || packed.scalar_type() != dtype) {
       return {false, "the packed tensor does not report the weight's sizes and dtype"};
     }
-    at::Tensor got;
+    at::Tensor got, want;
     if (dtype == at::kChar) {
       got = packed_int8_matmul(x64.to(at::kChar), packed);
+      want = exact.to(at::kFloat);  // the int32 accumulator converted once
     } else {
-      got = at::empty({3, 16}, at::TensorOptions().dtype(dtype));
+      got = at::empty({x64.size(0), w64.size(0)}, at::TensorOptions().dtype(dtype));
       fp_linear_into(x64.to(dtype), packed, std::nullopt, got);
+      want = exact.to(dtype);
     }
-    if (!at::equal(got.to(at::kDouble), want)) return {false, "the packed product is wrong"};
+    if (!at::equal(got, want)) {
+      const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
+      std::string why = std::string("oneDNN's packed ") + dtype_name(dtype) +
+                        " GEMM is not exact on this CPU at worst-case values (max error " +
+                        std::to_string(err) + " at K = " + std::to_string(x64.size(1)) + ")";
+      if (dtype == at::kChar) {
+        why += "; without VNNI or AMX it sums u8 x s8 pairs in saturating 16-bit lanes";
+      }
+      return {false, why};
+    }
     return {true, ""};
   } catch (const std::exception& e) {
     return {false, e.what()};
@@ -317,7 +414,8 @@ at::Tensor prepare_linear_weight(const at::Tensor& weight, std::optional<bool> p
   if (pack.value_or(true) && weight.device().is_cpu() && weight.numel() > 0) {
     if (pack.has_value()) {
       const ops::PackingProbe& probe = ops::packing_probe(dtype);
-      TORCH_CHECK(probe.ok, kOp, ": this CPU cannot pack ", dtype, " weights (", probe.reason,
+      TORCH_CHECK(probe.ok, kOp, ": this CPU cannot pack ", ops::dtype_name(dtype), " weights (",
+                  probe.reason,
                   "); pass pack=None to fall back to the plain weight");
       packed = true;
     } else {

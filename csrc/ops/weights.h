@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 namespace flashcomm::ops {
 
@@ -37,5 +38,12 @@ at::Tensor packed_int8_matmul(const at::Tensor& q, const at::Tensor& weight);
 // Inference tensors carry no version counter, so a plain inference-mode weight is
 // summed on every call.
 at::Tensor weight_row_sums(const at::Tensor& weight);
+
+// Worst-case operands of a GEMM in `dtype` as exact float64 (x [4, K], W [16, K]):
+// integers using every mantissa bit of the dtype, partial sums far larger than the
+// totals; for int8 the u8 255 / s8 127 / s8 -128 pairs that a 16-bit pair sum (oneDNN
+// without VNNI or AMX) saturates on, at K = 4097. A GEMM path is used on this CPU only
+// after it reproduced the exact product of these, rounded once to its output.
+std::pair<at::Tensor, at::Tensor> worst_case_operands(c10::ScalarType dtype);
 
 }  // namespace flashcomm::ops

@@ -169,6 +169,15 @@ def library_version() -> str:
     return str(torch.ops.flashcomm.version())
 
 
+def cpu_features() -> list[str]:
+    """What flashcomm's CPU paths use in this process: first the ISA of its multi-ISA
+    kernels ("default", "avx2" or "avx512": ATen's capability, ``ATEN_CPU_CAPABILITY``),
+    then the extensions it may use for its own kernels and its choice of oneDNN's packed
+    GEMMs ("avx_vnni", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"): those of
+    this CPU that ``ONEDNN_MAX_CPU_ISA`` admits."""
+    return str(torch.ops.flashcomm.cpu_features()).split()
+
+
 def stats() -> dict[str, dict[str, int]]:
     """Calls per op and path since the last reset (this process only): the kernel
     strategy of the compact ops, the layout mode of the layout-invariant ops, e.g.

@@ -233,8 +233,8 @@ void reduced_rows(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
 // rounds fp32 to bf16 in about ten integer instructions per vector and widens
 // through the shuffle port, which makes the three roundings per element the
 // bottleneck; VCVTNE2PS2BF16 rounds 32 values at once. Probed at run time (the
-// AVX512 copy also runs on CPUs without it); FLASHCOMM_DISABLE_AVX512_BF16=1
-// turns it off, so tests can cover both paths on one machine.
+// AVX512 copy also runs on CPUs without it); ONEDNN_MAX_CPU_ISA below
+// AVX512_CORE_BF16 turns it off (cpu_has), so tests cover both paths on one machine.
 //
 // Layout: 32 bf16 elements are widened without shuffles into two fp32 vectors,
 // `even` (lane i = element 2i) and `odd` (lane i = element 2i + 1). Everything
@@ -244,11 +244,7 @@ void reduced_rows(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
   __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 bool avx512_bf16_enabled() {
-  static const bool enabled = [] {
-    const char* off = std::getenv("FLASHCOMM_DISABLE_AVX512_BF16");
-    const bool disabled = off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0;
-    return !disabled && __builtin_cpu_supports("avx512bf16");
-  }();
+  static const bool enabled = cpu_has(CpuExt::kAvx512Bf16);
   return enabled;
 }
 

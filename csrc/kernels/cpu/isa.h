@@ -24,6 +24,22 @@ inline constexpr int kIsaCount = 3;
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 
+// x86 extensions beyond the ATen capability that decide which path flashcomm takes:
+// its own AVX512-BF16 norm and, through packing, oneDNN's VNNI / AMX / BF16 GEMMs.
+enum class CpuExt : int { kAvxVnni, kAvx512Vnni, kAvx512Bf16, kAmxInt8, kAmxBf16 };
+
+// Whether this process may use `ext`: the CPU has it and ONEDNN_MAX_CPU_ISA (or its old
+// name DNNL_MAX_CPU_ISA), when set, admits it. oneDNN honours that cap for its own
+// kernels; flashcomm honours it too, so that one variable (with ATEN_CPU_CAPABILITY
+// for the vector width) runs the whole stack as on a CPU without the extension. An
+// unrecognised value caps nothing, as in oneDNN. Decided once per process.
+bool cpu_has(CpuExt ext);
+const char* cpu_ext_name(CpuExt ext);
+
+// The extensions a value of ONEDNN_MAX_CPU_ISA admits, as a mask of 1 << CpuExt (every
+// bit for null, empty, ALL or an unrecognised value). Exposed for the core tests.
+unsigned onednn_cap_mask(const char* value);
+
 // Entry points of one kernel, one per ISA; filled at library load by the
 // FLASHCOMM_REGISTER_CPU_KERNEL lines of the *_kernel.cpp copies.
 template <typename Fn>

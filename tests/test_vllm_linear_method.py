@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from _cases import rank_and_size
+from _isa import LOWER_VIEWS, in_child, rerun_module_in_view
 from flashcomm.tools.testing import RankPools
 
 try:
@@ -304,18 +305,46 @@ def _all_reduce_provider_case(n: int, provider: str) -> dict:
             "replicated": flashcomm.stats()["sp_row_linear"]["replicated"]}
 
 
+def vllm_cpu_all_reduce_expected() -> str:
+    """What vLLM's TP all-reduce is on this CPU (or view): its shared-memory communicator
+    where the ``_C`` library it loaded has one (AVX512 builds), else torch.distributed
+    (its AVX2 build has none, so it falls back to the group's gloo)."""
+    import vllm._custom_ops  # noqa: F401  (loads the _C library vLLM picks for this CPU)
+    return "cpu-shm" if hasattr(torch.ops._C, "init_shm_manager") else "torch.distributed"
+
+
 @pytest.mark.parametrize("provider", ["vllm", "none"])
 def test_all_reduce_provider_routes_replicated_calls(vllm_ranks, provider):
+    expected = vllm_cpu_all_reduce_expected()
+    print(f"\nvLLM's CPU all-reduce here: {expected}")
     for r in vllm_ranks(2).run(_all_reduce_provider_case, 4, provider):
         assert r["err"] < 1e-4 and r["replicated"] == 1, r
-        assert r["transport"] == "cpu-shm", r  # vLLM's own CPU all-reduce, not gloo
+        assert r["transport"] == expected, r
         if provider == "vllm":
             assert r["provider"].startswith("vllm::all_reduce(tp"), r
-            assert r["vllm_all_reduce"] and not r["c10d_allreduce"], r
+            assert r["vllm_all_reduce"], r
+            # vLLM's shared-memory all-reduce issues no c10d collective; its gloo one does.
+            assert r["c10d_allreduce"] == (expected != "cpu-shm"), r
         else:  # flashcomm's own transport: shared memory here (c10d if forced)
             assert r["provider"] == "", r
             assert not r["vllm_all_reduce"], r
             assert r["c10d_allreduce"] == (r["flashcomm_transport"] == "c10d"), r
+
+
+# The CPU classes whose vLLM build has another all-reduce than this machine's (AVX2: gloo).
+COMM_VIEWS = [v for v in LOWER_VIEWS if v == "avx2"]
+_CHILD_ENV = "FLASHCOMM_VLLM_LM_VIEW_CHILD"
+
+
+@pytest.mark.parametrize("view", COMM_VIEWS)
+def test_all_reduce_provider_in_cpu_view(view):
+    """The provider test again in a child that sees ``view``, where vLLM loads another
+    ``_C`` library and so another CPU all-reduce."""
+    if in_child(_CHILD_ENV):
+        pytest.skip("runs in the parent process only")
+    out = rerun_module_in_view(__file__, view, _CHILD_ENV,
+                               "not all_reduce_provider_routes or cpu_view", 1)
+    assert "2 passed" in out, out[-2000:]
 
 
 def test_all_reduce_provider_must_agree(vllm_ranks):

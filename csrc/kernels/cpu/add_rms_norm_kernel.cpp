@@ -21,6 +21,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "kernels/cpu/add_rms_norm.h"
 
@@ -182,6 +183,9 @@ void row_outputs_scalar(const Row<T>& row, const T* weight, int64_t j, int64_t h
   }
 }
 
+// fp32: residual_out is s itself, so pass 1 writes it and pass 2 reads it back (one
+// stream instead of x and residual). Each element is read by pass 1 before its outputs
+// are written, so outputs may still be the very memory of the inputs.
 template <bool kHasResidual>
 void float_rows(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t kW = FVec::size();
@@ -189,15 +193,33 @@ void float_rows(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
   const float* weight = static_cast<const float*>(a.weight);
   for (int64_t r = begin; r < end; ++r) {
     const Row<float> row = row_at<float>(a, r);
-    const float inv = inv_rms(row_sum_squares<float, kHasResidual>(row, hidden), hidden, a.eps);
-    const FVec inv_v(inv);
+    FVec acc0(0.0f), acc1(0.0f);
     int64_t j = 0;
+    for (; j + 2 * kW <= hidden; j += 2 * kW) {
+      const FVec s0 = s_float<kHasResidual>(row, j), s1 = s_float<kHasResidual>(row, j + kW);
+      acc0 = at::vec::fmadd(s0, s0, acc0);
+      acc1 = at::vec::fmadd(s1, s1, acc1);
+      s0.store(row.residual_out + j);
+      s1.store(row.residual_out + j + kW);
+    }
     for (; j + kW <= hidden; j += kW) {
-      const FVec s = s_float<kHasResidual>(row, j), w = FVec::loadu(weight + j);
-      s.store(row.residual_out + j);
+      const FVec s0 = s_float<kHasResidual>(row, j);
+      acc0 = at::vec::fmadd(s0, s0, acc0);
+      s0.store(row.residual_out + j);
+    }
+    float sum_sq = sum_lanes(acc0 + acc1);
+    for (; j < hidden; ++j) {
+      const float s = s_scalar<float, kHasResidual>(row, j);
+      sum_sq += s * s;
+      row.residual_out[j] = s;
+    }
+    const float inv = inv_rms(sum_sq, hidden, a.eps);
+    const FVec inv_v(inv);
+    for (j = 0; j + kW <= hidden; j += kW) {
+      const FVec s = FVec::loadu(row.residual_out + j), w = FVec::loadu(weight + j);
       ((s * inv_v) * w).store(row.normed + j);
     }
-    row_outputs_scalar<float, kHasResidual>(row, weight, j, hidden, inv);
+    for (; j < hidden; ++j) row.normed[j] = (row.residual_out[j] * inv) * weight[j];
   }
 }
 
@@ -227,6 +249,103 @@ void reduced_rows(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
     row_outputs_scalar<T, kHasResidual>(row, weight, j, hidden, inv);
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+// bf16 on AVX2, which has no bf16 conversion instruction. at::vec widens bf16 through
+// cross-lane permutes and narrows with packs and permutes, so its three roundings per
+// element bound the kernel (2-2.5x vLLM's AVX2 kernel, measured). Here nothing crosses a
+// lane: 16 bf16 elements widen by a shift and a mask into `even` (lane i = element 2i)
+// and `odd` (lane i = element 2i + 1) fp32 vectors, every rounding is integer
+// round-to-nearest-even on the fp32 bits (c10::BFloat16's own rule, denormals
+// included), and the store puts each odd element's rounded high half next to its even
+// neighbour's with a shift and an OR. NaN safety as in the AVX512-BF16 path below: every
+// NaN here carries a bf16 payload or x86's default NaN, so the carry never reaches the
+// exponent.
+struct PairVec8 {
+  __m256 even;
+  __m256 odd;
+};
+
+inline PairVec8 widen_bf16_avx2(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000)))};
+}
+
+template <bool kHasResidual>
+inline PairVec8 s_pairs_avx2(const Row<c10::BFloat16>& row, int64_t j) {
+  PairVec8 s = widen_bf16_avx2(row.x + j);
+  if constexpr (kHasResidual) {
+    const PairVec8 r = widen_bf16_avx2(row.residual + j);
+    s.even = _mm256_add_ps(s.even, r.even);
+    s.odd = _mm256_add_ps(s.odd, r.odd);
+  }
+  return s;
+}
+
+// The fp32 bits of f with the bf16 rounding carried into the high half (the low half
+// is garbage).
+inline __m256i rounded_bits_avx2(__m256 f) {
+  const __m256i bits = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+}
+
+inline __m256 round_to_bf16_avx2(__m256 f) {
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded_bits_avx2(f), _mm256_set1_epi32(0xFFFF0000)));
+}
+
+inline void store_bf16_pairs_avx2(c10::BFloat16* out, __m256 even, __m256 odd) {
+  const __m256i lo = _mm256_srli_epi32(rounded_bits_avx2(even), 16);
+  const __m256i hi = _mm256_and_si256(rounded_bits_avx2(odd), _mm256_set1_epi32(0xFFFF0000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_or_si256(lo, hi));
+}
+
+// Pass 1 also writes residual_out and keeps the unrounded s of the row in fp32 scratch
+// (at most 4 x hidden bytes, in L1 for common H), so pass 2 reads s and the weight only:
+// each element is read by pass 1 before any output of it is written, so outputs may
+// still be the very memory of the inputs.
+template <bool kHasResidual>
+void bf16_rows_avx2(const AddRmsNormArgs& a, int64_t begin, int64_t end) {
+  using T = c10::BFloat16;
+  constexpr int64_t kW = 16;  // elements per PairVec8
+  const int64_t hidden = a.hidden;
+  const int64_t vec_end = hidden - hidden % kW;
+  const T* weight = static_cast<const T*>(a.weight);
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < vec_end) scratch.resize(vec_end);
+  float* s_even = scratch.data();  // [vec_end / 2] per half, lane order
+  float* s_odd = scratch.data() + vec_end / 2;
+  for (int64_t r = begin; r < end; ++r) {
+    const Row<T> row = row_at<T>(a, r);
+    __m256 acc_even = _mm256_setzero_ps(), acc_odd = _mm256_setzero_ps();
+    for (int64_t j = 0; j < vec_end; j += kW) {
+      const PairVec8 s = s_pairs_avx2<kHasResidual>(row, j);
+      acc_even = _mm256_fmadd_ps(s.even, s.even, acc_even);
+      acc_odd = _mm256_fmadd_ps(s.odd, s.odd, acc_odd);
+      _mm256_storeu_ps(s_even + j / 2, s.even);
+      _mm256_storeu_ps(s_odd + j / 2, s.odd);
+      store_bf16_pairs_avx2(row.residual_out + j, s.even, s.odd);
+    }
+    float sum_sq = sum_lanes(FVec(_mm256_add_ps(acc_even, acc_odd)));
+    for (int64_t j = vec_end; j < hidden; ++j) {
+      const float s = s_scalar<T, kHasResidual>(row, j);
+      sum_sq += s * s;
+    }
+
+    const float inv = inv_rms(sum_sq, hidden, a.eps);
+    const __m256 inv_v = _mm256_set1_ps(inv);
+    for (int64_t j = 0; j < vec_end; j += kW) {
+      const PairVec8 w = widen_bf16_avx2(weight + j);
+      const __m256 scaled_even = round_to_bf16_avx2(_mm256_mul_ps(_mm256_loadu_ps(s_even + j / 2), inv_v));
+      const __m256 scaled_odd = round_to_bf16_avx2(_mm256_mul_ps(_mm256_loadu_ps(s_odd + j / 2), inv_v));
+      store_bf16_pairs_avx2(row.normed + j, _mm256_mul_ps(scaled_even, w.even),
+                            _mm256_mul_ps(scaled_odd, w.odd));
+    }
+    row_outputs_scalar<T, kHasResidual>(row, weight, vec_end, hidden, inv);
+  }
+}
+#endif  // CPU_CAPABILITY_AVX2
 
 #if defined(CPU_CAPABILITY_AVX512)
 // bf16 with the AVX512-BF16 conversion instruction. With AVX512 alone, at::vec
@@ -363,7 +482,11 @@ void dispatch_dtype(const AddRmsNormArgs& a) {
         break;
       }
 #endif
+#if defined(CPU_CAPABILITY_AVX2)
+      parallel_rows(a, bf16_rows_avx2<kHasResidual>);
+#else
       parallel_rows(a, reduced_rows<c10::BFloat16, kHasResidual>);
+#endif
       break;
     case c10::kHalf:
       parallel_rows(a, reduced_rows<c10::Half, kHasResidual>);

@@ -3,8 +3,9 @@ the installed vLLM's own objects (no engine is started):
 
 * ``VLLM_BATCH_INVARIANT=1``: refused, with the reason (``layers.BATCH_INVARIANT_REASON``).
 * CUDA graphs: the effective ``sp_threshold`` is raised to the largest capture size of
-  a real ``CompilationConfig`` (every captured batch runs replicated) and logged; on CPU,
-  where vLLM captures nothing, it is unchanged. A collective-rewriting pass
+  a real ``CompilationConfig`` (every captured batch runs replicated) and logged, and
+  the layers ``convert_model`` activates get it (rank pool, tp = 2); on CPU, where vLLM
+  captures nothing, it is unchanged. A collective-rewriting pass
   (``fuse_allreduce_rms``, on by default on H100 / B200 with FlashInfer) is refused with
   the flag that turns it off, which vLLM's own command-line parser and config accept.
 * Reload: vLLM's layerwise ``reload_weights`` of a converted model (``flashcomm`` GEMM
@@ -135,6 +136,38 @@ def test_threshold_covers_cudagraph_capture_sizes(llama, fc_log, mode, sizes, re
         assert f"using sp_threshold={effective}" in raised[0], raised[0]
     else:
         assert not raised, raised
+
+
+def _convert_under_cudagraphs(path: str, sizes: list[int], requested: int) -> dict:
+    """On every rank: vLLM's model for ``path`` converted (engine form) under a
+    compilation config that captures ``sizes``; the thresholds the layers got."""
+    from vllm.config import CompilationConfig, ModelConfig, VllmConfig, \
+        set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    from flashcomm.vllm import layers
+    from flashcomm.vllm.standalone import init_vllm_tp
+
+    init_vllm_tp()
+    layers.install()
+    cfg = VllmConfig(model_config=ModelConfig(model=path, skip_tokenizer_init=True,
+                                              dtype="float32"))
+    with set_current_vllm_config(cfg):
+        model = initialize_model(vllm_config=cfg)
+    cfg.compilation_config = CompilationConfig(cudagraph_mode="FULL_AND_PIECEWISE",
+                                               cudagraph_capture_sizes=sizes)
+    layers.convert_model(model, cfg, requested, gemm="engine")
+    return {"layers": sorted({m._fc_state.sp_threshold for m in model.modules()
+                              if getattr(m, "_fc_state", None) is not None}),
+            "record": cfg.additional_config["flashcomm"]}
+
+
+def test_converted_layers_get_the_raised_threshold(llama, vllm_ranks):
+    sizes = _capture_sizes(1024)
+    for r in vllm_ranks(RELOAD_TP).run(_convert_under_cudagraphs, str(llama), sizes, 1000):
+        assert r["layers"] == [1024], r
+        assert r["record"]["sp_threshold"] == 1024, r["record"]
+        assert r["record"]["sp_threshold_requested"] == 1000, r["record"]
 
 
 def test_threshold_unchanged_without_cudagraphs_on_cpu(llama, fc_log):

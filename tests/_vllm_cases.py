@@ -3,6 +3,10 @@ tests/test_vllm_serve.py (the engine runner itself is flashcomm.tools.vllm_engin
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Iterator
+
 import pytest
 
 from flashcomm.tools.vllm_engine import cpu_view_from_env
@@ -65,3 +69,20 @@ def missing_modes(stats: dict, expected: dict) -> list[str]:
     ``stats`` (one worker's ``flashcomm.stats()``)."""
     return [f"{'/'.join(ops)} {mode}" for ops in expected["ops"] for mode in MODES
             if _sum_mode(stats, mode, ops) == 0]
+
+
+@contextlib.contextmanager
+def flashcomm_log(level: int = logging.WARNING) -> Iterator[list[logging.LogRecord]]:
+    """The records (``level`` and up) of flashcomm's ``vllm.flashcomm`` logger while the
+    block runs (vLLM's logging setup may keep them from the root logger, so pytest's
+    caplog does not see them)."""
+    from flashcomm.vllm import _compat
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    _compat.logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        _compat.logger.removeHandler(handler)

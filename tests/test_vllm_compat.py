@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from _vllm_cases import REFUSAL, requires_vllm
+from _vllm_cases import REFUSAL, flashcomm_log, requires_vllm
 
 pytestmark = requires_vllm
 
@@ -48,18 +48,9 @@ def _register(what: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def compat_log():
-    """WARNING+ records of the vllm.flashcomm logger (vLLM's logging setup may keep them
-    from the root logger)."""
-    from flashcomm.vllm import _compat
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    _compat.logger.addHandler(handler)
-    try:
+    """WARNING+ records of the vllm.flashcomm logger."""
+    with flashcomm_log() as records:
         yield records
-    finally:
-        _compat.logger.removeHandler(handler)
 
 
 def test_installed_version_is_tested():

@@ -55,13 +55,18 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     "CustomOp": ("vllm.model_executor.custom_op", "CustomOp"),
     "PluggableLayer": ("vllm.model_executor.custom_op", "PluggableLayer"),
     "op_registry_oot": ("vllm.model_executor.custom_op", "op_registry_oot"),
-    # The hook between building a model and loading its weights.
+    # The hook between building a model and loading its weights; the loader registry
+    # (importing it defines every built-in loader class, see plugin._watch_loaders).
     "BaseModelLoader": ("vllm.model_executor.model_loader.base_loader", "BaseModelLoader"),
+    "get_model_loader": ("vllm.model_executor.model_loader", "get_model_loader"),
     # Groups, platform, configuration.
     "get_tp_group": ("vllm.distributed", "get_tp_group"),
     "parallel_state": ("vllm.distributed", "parallel_state"),
     "current_platform": ("vllm.platforms", "current_platform"),
     "VllmConfig": ("vllm.config", "VllmConfig"),
+    "CUDAGraphMode": ("vllm.config", "CUDAGraphMode"),
+    # vLLM's environment variables (VLLM_BATCH_INVARIANT), read lazily by name.
+    "envs": ("vllm", "envs"),
     "set_current_vllm_config": ("vllm.config", "set_current_vllm_config"),
     # vLLM's CPU shared-memory all-reduce module (standalone.vllm_tp_transport).
     "_CPUSHMDistributed": ("vllm.distributed.device_communicators.cpu_communicator",
@@ -80,6 +85,15 @@ COLLECTIVE_PASSES: dict[str, tuple[str, ...]] = {"0.32.0": ("fuse_allreduce_rms"
 # Names such passes had in other vLLM versions: refused when present and on.
 COLLECTIVE_PASSES_ELSEWHERE = ("enable_sp", "fuse_gemm_comms", "enable_async_tp",
                                "enable_sequence_parallelism")
+
+
+def pass_off_flag(name: str) -> str:
+    """How a user turns vLLM's compilation pass ``name`` (a PassConfig field) off, on
+    vLLM's command line and in Python (``LLM(...)`` / ``EngineArgs``)."""
+    return (f"-cc.pass_config.{name}=false on the command line, or "
+            f"compilation_config={{\"pass_config\": {{\"{name}\": False}}}} in Python")
+
+
 # ParallelConfig sizes that must be 1, and VllmConfig features that must be None.
 REFUSED_PARALLELISM = {
     "pipeline_parallel_size": "pipeline parallelism",
@@ -192,5 +206,5 @@ def uses_cpu_shm_all_reduce(communicator: Any) -> bool:
 __all__ = ["COLLECTIVE_PASSES", "ENV_ALLOW_UNTESTED", "REFUSED_FEATURES", "REFUSED_PARALLELISM",
            "SYMBOLS", "TESTED_VLLM_VERSIONS", "VLLM_ALL_REDUCE_OP", "FlashcommUnsupportedError",
            "attribute", "check_vllm_version", "clear_world_group", "collective_passes_on",
-           "installed_vllm_version", "refuse", "symbol", "tested_version",
+           "installed_vllm_version", "pass_off_flag", "refuse", "symbol", "tested_version",
            "uses_cpu_shm_all_reduce"]

@@ -93,16 +93,45 @@ def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.data.detach()
 
 
+def _keep(layer: nn.Module, name: str, value: Optional[torch.Tensor]) -> None:
+    """Register ``value`` as the non-persistent buffer ``name`` that the layer's forward
+    reads, derived anew on every load.
+
+    On a reload (vLLM's layerwise reload, e.g. RLHF weight updates) vLLM puts the
+    layer's tensors back on the meta device, loads the new checkpoint tensors, runs
+    ``process_weights_after_loading`` (this capture) and then re-registers the tensor
+    *objects* the layer had before (CUDA graphs hold their addresses), copying new
+    values only into parameters and persistent or loaded buffers: a derived buffer
+    registered anew would be dropped and the old one, with the old scales, restored.
+    So the first capture keeps its tensors (``layer._fc_kept``) and later ones write
+    the values they derive into those same tensors."""
+    kept = layer.__dict__.setdefault("_fc_kept", {})
+    old = kept.get(name)
+    if value is not None and old is not None:
+        if old.shape != value.shape or old.dtype != value.dtype:
+            raise RuntimeError(
+                f"flashcomm: {getattr(layer, 'prefix', type(layer).__name__)}: reloaded "
+                f"{name} is {value.dtype} {tuple(value.shape)}, was {old.dtype} "
+                f"{tuple(old.shape)}; a reload must keep the shapes")
+        if old.data_ptr() != value.data_ptr():
+            old.copy_(value)
+        value = old
+    kept[name] = value
+    layer.register_buffer(name, value, persistent=False)
+
+
 def capture_fp(layer: nn.Module) -> None:
-    """Keep ``layer.weight`` ``[N, K]`` as the buffer ``fc_weight`` (shared storage)."""
-    layer.register_buffer("fc_weight", _plain(layer.weight), persistent=False)
+    """Keep ``layer.weight`` ``[N, K]`` as the buffer ``fc_weight`` (shared storage on
+    the first load; a reload writes into it, :func:`_keep`)."""
+    _keep(layer, "fc_weight", _plain(layer.weight))
 
 
 def capture_w8a8(layer: nn.Module) -> None:
     """Take the int8 weight and scales of a CompressedTensorsW8A8Int8 layer before vLLM's
     kernel repacks them, mirroring the kernel's own scale conversions:
     per-tensor weight scales of fused layers -> per-channel; static input scales of
-    fused layers -> their max (symmetric) or a merged range (asymmetric)."""
+    fused layers -> their max (symmetric) or a merged range (asymmetric). Runs on every
+    load, vLLM's reload included (:func:`_keep`)."""
     scheme = _w8a8_scheme(layer)
     weight = _plain(layer.weight)
     if weight.dtype != torch.int8 or weight.dim() != 2:
@@ -130,10 +159,11 @@ def capture_w8a8(layer: nn.Module) -> None:
             range_min = (s * (i8.min - zp)).min()
             in_scale = ((range_max - range_min) / (i8.max - i8.min)).reshape(1)
             in_zp = (i8.min - range_min / in_scale).round().to(torch.int32).reshape(1)
-    layer.register_buffer("fc_weight", weight, persistent=False)
-    layer.register_buffer("fc_weight_scale", w_scale, persistent=False)
-    layer.register_buffer("fc_input_scale", in_scale, persistent=False)
-    layer.register_buffer("fc_input_zero_point", in_zp, persistent=False)
+    # Derived on every load (a reload included) into the tensors the forward reads.
+    _keep(layer, "fc_weight", weight)
+    _keep(layer, "fc_weight_scale", w_scale)
+    _keep(layer, "fc_input_scale", in_scale)
+    _keep(layer, "fc_input_zero_point", in_zp)
 
 
 def wrap_process_weights(layer: nn.Module, kind: str) -> None:
@@ -306,8 +336,34 @@ def install() -> None:
 # Validation and conversion
 # ---------------------------------------------------------------------------------------
 
+# Why VLLM_BATCH_INVARIANT=1 is refused rather than honoured. Under that flag vLLM
+# promises that a request's output does not depend on the batch it runs in: it computes
+# linears with its batch-invariant GEMM and turns its own order-varying collectives into
+# fixed-order ones. flashcomm cannot keep that promise today: (1) in the `flashcomm` GEMM
+# form its fused ops replace vLLM's batch-invariant linear; (2) in every form the
+# reduction switches between all-reduce (replicated) and reduce-scatter + all-gather
+# (sharded) at sp_threshold, i.e. with the batch's token count, and its boundary norms
+# replace vLLM's batch-invariant RMSNorm; (3) the bitwise equality of the two modes is
+# established only for the shared-memory transport at tp = 2, not on c10d (NCCL / gloo)
+# at tp >= 3, and has never been tested under vLLM's batch-invariant mode (whose kernels
+# do not run on CPU, where the integration is tested). Honouring the flag would need
+# that guarantee on the transport in use and an engine test of it.
+BATCH_INVARIANT_REASON = (
+    "VLLM_BATCH_INVARIANT=1 is set, and flashcomm cannot keep vLLM's batch-invariance "
+    "guarantee: it switches the TP collective (all-reduce below sp_threshold tokens, "
+    "reduce-scatter + all-gather above) with the batch's token count, replaces vLLM's "
+    "batch-invariant RMSNorm (and, in the flashcomm GEMM form, its batch-invariant "
+    "linear), and its replicated/sharded results are bitwise equal only on the "
+    "shared-memory transport at tp=2. Unset VLLM_BATCH_INVARIANT to use flashcomm")
+
+
 def check_config(vllm_config: Any) -> None:
-    """Refuse configurations flashcomm cannot run correctly (raises)."""
+    """Refuse configurations flashcomm cannot run correctly (raises): unsupported
+    architectures, MoE, the parallelism and features of
+    :data:`~flashcomm.vllm._compat.REFUSED_PARALLELISM` /
+    :data:`~flashcomm.vllm._compat.REFUSED_FEATURES`, vLLM's collective-rewriting
+    passes (the refusal names the flag that turns the pass off) and
+    ``VLLM_BATCH_INVARIANT=1`` (:data:`BATCH_INVARIANT_REASON`)."""
     mc = _compat.attribute(vllm_config, "model_config")
     hf = getattr(mc, "hf_config", None)
     archs = list(getattr(hf, "architectures", None) or [])
@@ -331,8 +387,13 @@ def check_config(vllm_config: Any) -> None:
     passes = _compat.attribute(_compat.attribute(vllm_config, "compilation_config"),
                                "pass_config")
     for name in _compat.collective_passes_on(passes):
+        # vLLM 0.32 turns fuse_allreduce_rms on by default on H100 / B200 with
+        # FlashInfer (optimization level 2), so the refusal says how to turn it off.
         raise refuse(f"vLLM's compilation pass {name} is on; it rewrites the same "
-                     f"collectives (turn it off to use flashcomm)")
+                     f"collectives. Turn it off to use flashcomm: "
+                     f"{_compat.pass_off_flag(name)}")
+    if _compat.attribute(_compat.symbol("envs"), "VLLM_BATCH_INVARIANT"):
+        raise refuse(BATCH_INVARIANT_REASON)
 
 
 def _expected_layout(model: nn.Module) -> tuple[dict[str, tuple[str, bool]], list[nn.Module]]:
@@ -395,6 +456,56 @@ def check_model(model: nn.Module, tp_size: int) -> dict[str, tuple[nn.Module, st
     return plan
 
 
+def cudagraph_max_size(vllm_config: Any) -> Optional[int]:
+    """The largest batch (in tokens) vLLM captures in a CUDA graph, from the real
+    ``vllm_config.compilation_config``; None when it captures none (``cudagraph_mode``
+    NONE: on CPU, where vLLM empties the capture sizes, and with ``enforce_eager``)."""
+    cc = _compat.attribute(vllm_config, "compilation_config")
+    mode = _compat.attribute(cc, "cudagraph_mode")
+    if mode is None or mode == _compat.symbol("CUDAGraphMode").NONE:
+        return None
+    sizes = [int(s) for s in (_compat.attribute(cc, "cudagraph_capture_sizes") or [])]
+    # YOCO models' decoder-replay graphs (at most max_cudagraph_capture_size in 0.32).
+    replay = getattr(cc, "decoder_replay_cudagraph_capture_sizes", None) or []
+    sizes += [int(s) for s in replay]
+    largest = getattr(cc, "max_cudagraph_capture_size", None)
+    if largest:
+        sizes.append(int(largest))
+    return max(sizes) if sizes else None
+
+
+def effective_sp_threshold(vllm_config: Any, sp_threshold: int) -> int:
+    """``sp_threshold``, raised to the largest CUDA-graph capture size when vLLM captures
+    bigger batches: every captured size then runs replicated, so the sharded path (c10d
+    reduce-scatter and all-gather) is never captured inside vLLM's graphs next to its
+    own communicators (that combination has not run). Batches above the largest
+    capture size run outside CUDA graphs and may still run sharded. Logs a warning
+    when it raises the threshold. Rank-invariant (the configuration only)."""
+    largest = cudagraph_max_size(vllm_config)
+    if largest is None or sp_threshold >= largest:
+        return int(sp_threshold)
+    _compat.logger.warning(
+        "flashcomm: sp_threshold %d is below vLLM's largest CUDA-graph capture size %d; "
+        "using sp_threshold=%d so that every captured batch runs replicated (the "
+        "sharded path is not run inside CUDA graphs). Lower the capture sizes "
+        "(-cc.max_cudagraph_capture_size) to shard smaller batches.", sp_threshold,
+        largest, largest)
+    return int(largest)
+
+
+def record_conversion(vllm_config: Any, record: dict[str, Any]) -> None:
+    """Store ``record`` (the settings baked into the converted layers, which the
+    compiled graph depends on: the c10d group name, thresholds, GEMM form, transport,
+    all-reduce provider, version) as ``vllm_config.additional_config["flashcomm"]``,
+    which vLLM hashes into its compile cache key (``VllmConfig.compute_hash``)."""
+    extra = _compat.attribute(vllm_config, "additional_config")
+    if not isinstance(extra, dict):
+        raise refuse(f"vLLM's additional_config is a {type(extra).__name__}, not a dict: "
+                     f"flashcomm records the settings its compiled layers depend on "
+                     f"there, so that they enter vLLM's compile cache key")
+    extra["flashcomm"] = dict(record)
+
+
 GEMM_FORMS = ("auto", "engine", "flashcomm")
 
 
@@ -419,12 +530,20 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
     ``vllm_all_reduce``: replicated calls all-reduce through vLLM's communicator for the
     TP group instead of flashcomm's transport. ``gemm``: the form of the converted
     layers (:data:`GEMM_FORMS`; default ``FLASHCOMM_VLLM_GEMM``, else ``auto``).
+    ``sp_threshold`` is raised to vLLM's largest CUDA-graph capture size where that is
+    larger (:func:`effective_sp_threshold`). The settings the layers bake in, the
+    c10d group name included, go into vLLM's compile cache key
+    (:func:`record_conversion`).
     Collective over the TP group (every worker converts its copy of the model): the
     ranks verify their settings and choose the transport here, before the first
     forward. Returns the number of converted modules."""
     check_config(vllm_config)
+    if not isinstance(_compat.attribute(vllm_config, "additional_config"), dict):
+        record_conversion(vllm_config, {})  # refuses before anything is converted
     group = _compat.symbol("get_tp_group")()
     plan = check_model(model, group.world_size)
+    requested_sp_threshold = int(sp_threshold)
+    sp_threshold = effective_sp_threshold(vllm_config, requested_sp_threshold)
     w8a8 = any(kind == "w8a8" for _, _, _, kind in plan.values())
     form = resolve_gemm_form(gemm or os.environ.get("FLASHCOMM_VLLM_GEMM", "auto"),
                              str(_compat.symbol("current_platform").device_type), w8a8)
@@ -458,12 +577,12 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
         flashcomm.init(gname, sp_threshold=int(sp_threshold), threshold=int(threshold),
                        enabled=True)  # the ranks compare the provider too
     transport = flashcomm.transport(gname)
-    # The AOT compile cache key does not see FLASHCOMM_* env vars: put them in the config.
-    extra = _compat.attribute(vllm_config, "additional_config")
-    if isinstance(extra, dict):
-        extra["flashcomm"] = {"sp_threshold": int(sp_threshold), "threshold": int(threshold),
-                              "version": flashcomm.__version__, "all_reduce": provider,
-                              "gemm": form, "transport": transport}
+    # The compile cache key does not see FLASHCOMM_* env vars, nor the group name the
+    # layers pass to the ops (a constant in the compiled graph): put them in the config.
+    record_conversion(vllm_config, {
+        "sp_threshold": int(sp_threshold), "sp_threshold_requested": requested_sp_threshold,
+        "threshold": int(threshold), "version": flashcomm.__version__,
+        "all_reduce": provider, "gemm": form, "transport": transport, "group": gname})
     logger.debug("flashcomm: converted %d modules of %s (tp=%d, sp_threshold=%d, GEMMs by %s, "
                 "transport %s, replicated all-reduce via %s, group %s)", converted,
                 type(model).__name__, group.world_size, sp_threshold,

@@ -34,7 +34,11 @@ vLLM's parallel linear layers and RMSNorm under the original names
 (``PluggableLayer.register_oot`` / ``CustomOp.register_oot``) and wraps
 ``BaseModelLoader.create_model``: after the model is built and before its weights load,
 :func:`flashcomm.vllm.layers.convert_model` validates the configuration and the model
-(refusing unsupported ones with a message) and activates the boundary layers.
+(refusing unsupported ones with a message) and activates the boundary layers. Loaders
+that build the model without ``create_model`` (TensorizerLoader, the weight-cache
+IpcModelLoader) are not converted: ``load_model`` of every loader class (those defined
+later too) is wrapped to log a WARNING starting ``flashcomm: NOT active`` that names the
+loader when the model it returns was not converted.
 
 Logging goes to the ``vllm.flashcomm`` logger, a child of vLLM's ``vllm`` logger, so it
 is printed by vLLM's own handler, with vLLM's process prefix (``(Worker_TP0 pid=..)``):
@@ -45,6 +49,7 @@ model, and a refusal is logged at ERROR (with the reason) before it is raised.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -68,6 +73,7 @@ DEFAULT_STATS_INTERVAL_S = 10.0
 logger = logging.getLogger("vllm.flashcomm")
 
 ACTIVE_MARKER = "flashcomm: active"
+UNCONVERTED_MARKER = "flashcomm: NOT active"
 
 _REGISTERED = False
 _STATS_WRITER: Optional["_StatsWriter"] = None
@@ -161,14 +167,83 @@ def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: Optional[bool])
         except _compat.FlashcommUnsupportedError as e:
             logger.error("%s", e)
             raise
-        _log_active(model, vllm_config, converted, spt, thr)
+        record = _conversion_record(vllm_config)
+        effective = int(record.get("sp_threshold", spt))  # raised above CUDA-graph sizes
+        _log_active(model, vllm_config, converted, effective, thr)
         if os.environ.get(ENV_STATS_FILE):
-            _start_stats_writer(os.environ[ENV_STATS_FILE], converted, spt,
-                                _conversion_record(vllm_config))
+            _start_stats_writer(os.environ[ENV_STATS_FILE], converted, effective, record)
         return model
 
     create_model._flashcomm_wrapped = True
     BaseModelLoader.create_model = create_model
+    _watch_loaders(BaseModelLoader)
+
+
+def _converted(model: Any) -> bool:
+    modules = getattr(model, "modules", None)
+    return callable(modules) and any(getattr(m, "_fc_state", None) is not None
+                                     for m in modules())
+
+
+def _wrap_load_model(cls: type) -> None:
+    """Wrap ``cls.load_model`` (where ``cls`` defines it) so that a model it returns
+    unconverted is reported: with ``FLASHCOMM_ENABLE=1`` every model built through
+    ``create_model`` is either converted or refused, so an unconverted model means the
+    loader built it another way (TensorizerLoader and vLLM's weight-cache
+    IpcModelLoader call ``initialize_model`` directly)."""
+    original = cls.__dict__.get("load_model")
+    if original is None or getattr(original, "_flashcomm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        model = original(self, *args, **kwargs)
+        if not _converted(model) and not getattr(model, "_flashcomm_unconverted", False):
+            try:
+                model._flashcomm_unconverted = True  # one warning per model (nested loaders)
+            except Exception:  # pragma: no cover - a model that takes no attributes
+                pass
+            load_format = getattr(getattr(self, "load_config", None), "load_format", None)
+            logger.warning(
+                "%s: vLLM's model loader %s (load_format %r) built the model without "
+                "BaseModelLoader.create_model, where flashcomm converts it: %s=1 is set "
+                "but this worker runs WITHOUT flashcomm (vLLM's own collectives). Load "
+                "the model with another load format (e.g. 'auto') to use flashcomm.",
+                UNCONVERTED_MARKER, type(self).__name__, load_format, ENV_ENABLE)
+        return model
+
+    load_model._flashcomm_wrapped = True
+    cls.load_model = load_model
+
+
+def _watch_loaders(BaseModelLoader: type) -> None:
+    """Report loaders that skip ``create_model`` (:func:`_wrap_load_model`): every
+    loader class vLLM defines (its loader registry is imported first), and through
+    ``BaseModelLoader.__init_subclass__`` every loader class defined later (out-of-tree
+    loaders registered with ``register_model_loader``)."""
+    _compat.symbol("get_model_loader")  # imports vLLM's loader registry and its loaders
+    seen: set[type] = set()
+    stack = [BaseModelLoader]
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        _wrap_load_model(cls)
+        stack.extend(cls.__subclasses__())
+    previous = BaseModelLoader.__dict__.get("__init_subclass__")  # a classmethod or None
+    if getattr(getattr(previous, "__func__", None), "_flashcomm_wrapped", False):
+        return
+
+    def __init_subclass__(cls, **kwargs):
+        if previous is not None:
+            previous.__get__(None, cls)(**kwargs)
+        else:
+            super(BaseModelLoader, cls).__init_subclass__(**kwargs)
+        _wrap_load_model(cls)
+
+    __init_subclass__._flashcomm_wrapped = True
+    BaseModelLoader.__init_subclass__ = classmethod(__init_subclass__)
 
 
 def _tp_group_info() -> dict[str, Any]:

@@ -118,3 +118,31 @@ def view_env(tmp: Path, name: str, base: Optional[dict[str, str]] = None) -> dic
     if site:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
     return env
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m flashcomm.tools.cpu_view VIEW -- COMMAND...``: runs COMMAND (a benchmark,
+    a test run) with the view's settings, e.g. the AVX2 figures of BENCHMARKS.md on an
+    AVX512 machine."""
+    import argparse
+    import subprocess
+    import sys
+    import tempfile
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flashcomm.tools.cpu_view",
+        description="Run a command as on a lesser x86 CPU (ATen, oneDNN, flashcomm and "
+                    "vLLM dispatch capped together). Views: " +
+                    "; ".join(f"{n}: {v.like}" for n, v in VIEWS.items() if n))
+    parser.add_argument("view", choices=[n for n in VIEWS if n])
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --")
+    with tempfile.TemporaryDirectory(prefix="fc_view_") as tmp:
+        return subprocess.call(command, env=view_env(Path(tmp), args.view))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

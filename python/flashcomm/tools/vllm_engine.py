@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from flashcomm.tools.cpu_view import VIEWS, sitecustomize_dir
+
 # The folder that holds the flashcomm package (the source tree's python/, or
 # site-packages): on the engine's PYTHONPATH.
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -49,16 +51,11 @@ TOP_LOGPROBS = 2
 ENGINE_TIMEOUT_S = int(os.environ.get("FLASHCOMM_VLLM_TEST_TIMEOUT", "1200"))
 COMPILE_BACKENDS = ("inductor", "eager")
 
-# CPU views: each name lists the torch.cpu probes answered False (vLLM's kernel choices and
-# Inductor's vector ISA read them) and environment settings (ATen's and oneDNN's own
-# dispatch).
+# CPU views (flashcomm.tools.cpu_view): each name's torch.cpu probes answered False (vLLM's
+# kernel choices and Inductor's vector ISA read them) and environment settings (ATen's,
+# oneDNN's and flashcomm's own dispatch).
 CPU_VIEWS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    "": ((), {}),
-    "no-amx": (("_is_amx_tile_supported", "_is_amx_fp16_supported"), {}),
-    "avx2": (("_is_amx_tile_supported", "_is_amx_fp16_supported", "_is_avx512_supported",
-              "_is_avx512_bf16_supported", "_is_vnni_supported"),
-             {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
-}
+    name: (view.hidden, view.env()) for name, view in VIEWS.items()}
 ENV_CPU_VIEW = "FLASHCOMM_VLLM_TEST_CPU"
 
 # vLLM 0.32's CPU communicator creates these shared-memory segments and unlinks them only
@@ -90,25 +87,6 @@ def _plugin_shim(tmp: Path) -> Optional[str]:
     return str(tmp / "ep")
 
 
-def _cpu_view_dir(tmp: Path, view: str) -> Optional[str]:
-    """A directory with a ``sitecustomize.py`` that applies ``CPU_VIEWS[view]``'s probe
-    answers in every Python process started with it on PYTHONPATH (the engine or server,
-    its engine core and workers); None for the real CPU."""
-    probes, _ = CPU_VIEWS[view]
-    if not probes:
-        return None
-    d = tmp / f"cpu_view_{view}"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sitecustomize.py").write_text(
-        f"# Written by flashcomm.tools.vllm_engine: CPU view {view!r} (dispatch as on an\n"
-        f"# x86 CPU without these features; the instructions stay available).\n"
-        f"import torch.cpu\n\n"
-        f"for _probe in {probes!r}:\n"
-        f"    if hasattr(torch.cpu, _probe):\n"
-        f"        setattr(torch.cpu, _probe, lambda: False)\n")
-    return str(d)
-
-
 def vllm_env(tmp: Path, enable: bool, tp: int, compile_backend: str = "eager",
              cpu_view: str = "") -> dict[str, str]:
     """Environment of a vLLM process (engine or server) with flashcomm on or off, its
@@ -119,7 +97,7 @@ def vllm_env(tmp: Path, enable: bool, tp: int, compile_backend: str = "eager",
                          f"{compile_backend!r}")
     env = dict(os.environ)
     paths = [str(PACKAGE_PARENT)]
-    for extra in (_plugin_shim(tmp), _cpu_view_dir(tmp, cpu_view)):
+    for extra in (_plugin_shim(tmp), sitecustomize_dir(tmp, cpu_view)):
         if extra:
             paths.append(extra)
     if env.get("PYTHONPATH"):

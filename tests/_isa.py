@@ -37,8 +37,10 @@ def check_requested_view_is_active(child_env: str) -> None:
     assert torch.backends.cpu.get_cpu_capability().lower() == view.aten
     features = flashcomm.cpu_features()
     assert features[0] == view.aten, features
-    if view.onednn in ("AVX2", "AVX512_CORE", "SSE41"):
+    if view.onednn in ("AVX2", "AVX512_CORE", "SSE41"):  # no extension admitted
         assert features == [view.aten], f"{name}: flashcomm still uses {features[1:]}"
+    if "AMX" not in view.onednn:
+        assert not any(f.startswith("amx") for f in features), features
     assert os.environ.get("ONEDNN_MAX_CPU_ISA") == view.onednn
     for probe in view.hidden:
         if hasattr(torch.cpu, probe):

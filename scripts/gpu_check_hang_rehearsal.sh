@@ -33,8 +33,8 @@ check_out() {
     || fail "$name: gpu_check.json is not valid JSON"
   grep -q "$want" "$out/gpu_check.json" || fail "$name: gpu_check.json does not say '$want'"
   grep -q "$want" "$out/gpu_check.txt" || fail "$name: gpu_check.txt does not say '$want'"
-  tar -tzf "$out/gpu_check_logs.tar.gz" | grep -q "logs/$4.log" \
-    || fail "$name: the tarball has no logs/$4.log"
+  local listing; listing="$(tar -tzf "$out/gpu_check_logs.tar.gz")"  # (grep -q | would SIGPIPE tar)
+  grep -qx "logs/$4.log" <<<"$listing" || fail "$name: the tarball has no logs/$4.log"
   echo "   $name: $files; $(grep -m1 "$want" "$out/gpu_check.txt" | sed 's/^ *//')"
 }
 

@@ -10,7 +10,8 @@ BUILD  := build/cmake
 # for the C++ API test that creates a gloo ProcessGroup in C++.
 APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
 
-.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat gpu-check-dry-run
+.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat check-cuda-cmake \
+  gpu-check-dry-run gpu-check-hang-rehearsal
 
 all: build
 
@@ -123,17 +124,26 @@ soak: build
 
 # The C++ sources against the headers of torch 2.11.0, the GPU image's torch (the
 # supported range is 2.11 through 2.13): the wheel is downloaded once (~500 MB) and only
-# its include/ tree is kept, under XDG_CACHE_HOME (default ~/.cache)/flashcomm.
+# its include/ tree and CMake config are kept (scripts/fetch_torch_wheel.sh), under
+# XDG_CACHE_HOME (default ~/.cache)/flashcomm.
 check-torch-compat: venv
 	PYTHON=$(VPY) bash scripts/check_torch_compat.sh 2.11.0
 
-# scripts/gpu_check.sh rehearsed on CPU: every step of the one-GPU check (forced
-# collectives at tp=1 over gloo, ops vs reference, opcheck, graph-capture stand-in,
-# torch.compile, timing code), logs in gpu_check_out/. It uses the library of `build`
-# (CMake configure and direct build only planned); GPU_DRY_RUN_LIB= (empty) compiles
-# both builds the GPU run may use, into build/gpu-dry-run and build/gpu-dry-run-direct.
-GPU_DRY_RUN_LIB ?= $(CURDIR)/$(BUILD)/libflashcomm_ops.so
+# CMake against torch 2.11.0's CUDA config (the same cached wheel) as on the GPU image: the
+# nvcc on PATH a wrapper outside the toolkit, no libnvrtc; it must configure with the GPU
+# check's CUDA set-up (scripts/cuda_env.sh). Needs a CUDA toolkit (/usr/local/cuda).
+check-cuda-cmake: venv
+	PYTHON=$(VPY) bash scripts/check_cuda_cmake.sh 2.11.0
 
-gpu-check-dry-run: build
-	FLASHCOMM_LIB=$(GPU_DRY_RUN_LIB) PYTHON=$(VPY) OUT=$(CURDIR)/gpu_check_out \
-	  bash scripts/gpu_check.sh --dry-run
+# scripts/gpu_check.sh rehearsed on CPU, in the mode a GPU user runs first (--quick
+# --keep-going): every step of the one-GPU check (both builds compiled: CMake into
+# build/gpu-dry-run, the fallback into build/gpu-dry-run-fallback; forced collectives at
+# tp=1 over gloo, ops vs reference, opcheck, graph-capture stand-in, torch.compile, timing
+# code) under the GPU run's deadline; the report (three files) in gpu_check_out/.
+gpu-check-dry-run: venv system-deps
+	PYTHON=$(VPY) OUT=$(CURDIR)/gpu_check_out bash scripts/gpu_check.sh --dry-run --quick --keep-going
+
+# A step forced to hang (deadline, then SIGTERM) still leaves gpu_check.sh's report;
+# after gpu-check-dry-run (its builds are reused).
+gpu-check-hang-rehearsal: venv system-deps
+	PYTHON=$(VPY) bash scripts/gpu_check_hang_rehearsal.sh

@@ -5,11 +5,11 @@
 #   scripts/check_torch_compat.sh [TORCH_VERSION]
 #
 # Supported torch range: 2.11 through 2.13 (the build pins 2.13.0; the GPU image has
-# 2.11.0). Only the header tree is needed, so the release's wheel is downloaded once
-# (pip download --no-deps; 2.11.0 cp312 is a 507 MB CUDA build), torch/include/** (62 MB)
-# is extracted into
-#   ${FLASHCOMM_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/flashcomm}/torch-<version>/include
-# and the wheel is deleted; later runs reuse that tree and need no network.
+# 2.11.0). Only the header tree is needed: scripts/fetch_torch_wheel.sh downloads the
+# release's wheel once (pip download --no-deps; 2.11.0 cp312 is a 507 MB CUDA build) and
+# keeps its include/ (62 MB) and CMake config in
+#   ${FLASHCOMM_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/flashcomm}/torch-<version>/
+# later runs reuse that tree and need no network.
 #
 # Flags: CMake configures the library against the installed torch (.venv) with
 # CMAKE_EXPORT_COMPILE_COMMANDS=ON; each compile command of compile_commands.json (the
@@ -31,9 +31,6 @@ if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3; fi
 BUILD_DIR="${COMPAT_BUILD_DIR:-build/torch-compat}"
-CACHE_ROOT="${FLASHCOMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flashcomm}"
-CACHE="$CACHE_ROOT/torch-$TORCH_VERSION"
-DOWNLOAD_TIMEOUT_S="${DOWNLOAD_TIMEOUT_S:-900}"
 COMPILE_TIMEOUT_S="${COMPILE_TIMEOUT_S:-300}"
 JOBS="${JOBS:-$(nproc)}"
 t_start=$SECONDS
@@ -41,46 +38,8 @@ t_start=$SECONDS
 die() { echo "check-torch-compat: FAILED: $*" >&2; exit 1; }
 
 # --- 1. the header tree of torch $TORCH_VERSION (cached) ------------------------------
-if [[ ! -f "$CACHE/include/torch/csrc/distributed/c10d/ProcessGroup.hpp" ]]; then
-  echo "== downloading torch==$TORCH_VERSION (no deps; timeout ${DOWNLOAD_TIMEOUT_S}s) into $CACHE"
-  mkdir -p "$CACHE_ROOT"
-  tmp="$(mktemp -d "$CACHE_ROOT/.download.XXXXXX")"
-  trap 'rm -rf "$tmp"' EXIT
-  # A cp312 wheel first (the GPU image's Python; the headers do not depend on the
-  # Python version), else one for this interpreter.
-  if ! timeout "$DOWNLOAD_TIMEOUT_S" "$PY" -m pip download --quiet --no-deps \
-        --only-binary=:all: --implementation cp --python-version 3.12 \
-        --platform manylinux_2_28_x86_64 --dest "$tmp" "torch==$TORCH_VERSION"; then
-    echo "   no cp312 wheel (or the download failed); trying this Python's"
-    rm -f "$tmp"/*.whl
-    timeout "$DOWNLOAD_TIMEOUT_S" "$PY" -m pip download --quiet --no-deps \
-      --only-binary=:all: --dest "$tmp" "torch==$TORCH_VERSION" \
-      || die "pip download torch==$TORCH_VERSION failed or timed out after" \
-             "${DOWNLOAD_TIMEOUT_S}s (network? /etc/xdg/pip constraints?)"
-  fi
-  wheel="$(ls "$tmp"/torch-*.whl 2>/dev/null | head -1)"
-  [[ -n "$wheel" ]] || die "pip download left no torch wheel in $tmp"
-  echo "   got $(basename "$wheel") ($(du -m "$wheel" | cut -f1) MB); extracting torch/include/"
-  "$PY" - "$wheel" "$tmp/tree" <<'EOF'
-import sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    members = [m for m in z.namelist() if m.startswith("torch/include/")]
-    if not members:
-        sys.exit(f"{wheel} has no torch/include/ tree")
-    z.extractall(dest, members)
-print(f"   {len(members)} header files")
-EOF
-  mkdir -p "$tmp/final"
-  mv "$tmp/tree/torch/include" "$tmp/final/include"
-  basename "$wheel" > "$tmp/final/WHEEL"
-  rm -rf "$CACHE"
-  mv "$tmp/final" "$CACHE"
-  rm -rf "$tmp"
-  trap - EXIT
-else
-  echo "== torch $TORCH_VERSION headers: cached in $CACHE ($(cat "$CACHE/WHEEL" 2>/dev/null))"
-fi
+CACHE="$(PYTHON="$PY" bash scripts/fetch_torch_wheel.sh "$TORCH_VERSION")" \
+  || die "no torch $TORCH_VERSION headers (scripts/fetch_torch_wheel.sh)"
 NEW_INCLUDE="$CACHE/include"
 for v in torch/headeronly/version.h torch/csrc/api/include/torch/version.h; do
   if [[ -f "$NEW_INCLUDE/$v" ]]; then

@@ -9,8 +9,8 @@ rank owns every row, so every output row is checked against the dense reference.
 Steps (subcommands), each its own process so that one step's timeout or crash
 cannot hide another's result; each writes ``<out>/<step>.json``:
 
-  env            torch / CUDA / NCCL versions, the device
-  build-direct   fallback build of libflashcomm_ops.so without CMake (ninja + g++)
+  env            torch / CUDA / NCCL versions, the device, the CUDA toolkit (root, any
+                 libnvrtc*), CMake
   probe          the library loads, and the forced collective paths are taken
   checks         every op against the dense reference (FP; W8A8 in every
                  quantisation mode with m = 1..16 and >= 17), path checked per call
@@ -19,7 +19,12 @@ cannot hide another's result; each writes ``<out>/<step>.json``:
   compile        torch.compile of the tiny DecoderModel: one graph for all n
   bench-gemm     int8 vs bf16 GEMM, chunked-GEMM efficiency, W8A8 linear at m = 1/16/64
   bench-overlap  pipelined vs sequential ops with forced collectives
-  report         merges the step JSONs into gpu_check.json + gpu_check.txt
+  report         merges the step JSONs (and run.json, the shell's step table) into
+                 gpu_check.json + gpu_check.txt
+
+The build is CMake's (scripts/gpu_check.sh); this script never compiles.
+GPU_CHECK_DEBUG_HANG=<step>: that step sleeps instead of running (the rehearsal of a hang:
+the shell's deadline and TERM trap must still write the report).
 
 ``--device cpu`` runs the same code on CPU over gloo (the dry run): CUDA events
 become wall-clock timers, CUDA-graph capture becomes an eager re-run.
@@ -35,7 +40,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -96,19 +100,31 @@ def library_path() -> str:
     return str(_loader.library_path())
 
 
+# init_process_group's timeout (NCCL's default is 10 minutes, the GPU machine's whole
+# command limit): a stuck collective fails the step instead of eating the lease.
+PG_TIMEOUT_S = float(os.environ.get("GPU_CHECK_PG_TIMEOUT_S", "90"))
+# Where the file stores go (not the log directory that is returned): --store-dir.
+STORE_DIR: Path | None = None
+
+
 def init_group(device: str, out: Path, step: str) -> str:
     """One-rank default group (NCCL on CUDA, gloo on CPU) over a file store, so no port
     is needed. Returns its group_name."""
+    import datetime
+
     import torch.distributed as dist
 
-    store_file = out / f".store.{step}.{os.getpid()}"
+    store_dir = STORE_DIR or out
+    store_dir.mkdir(parents=True, exist_ok=True)
+    store_file = store_dir / f".store.{step}.{os.getpid()}"
     store_file.unlink(missing_ok=True)
     kwargs: dict[str, Any] = {}
     if device == "cuda":
         torch.cuda.set_device(0)
         kwargs["device_id"] = torch.device("cuda", 0)
     dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                            init_method=f"file://{store_file}", rank=0, world_size=1, **kwargs)
+                            init_method=f"file://{store_file}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S), **kwargs)
     return dist.group.WORLD.group_name
 
 
@@ -416,6 +432,29 @@ def run_case(result: StepResult, case: Case, record: dict[str, list]) -> None:
 
 # --- steps ---------------------------------------------------------------------------
 
+def cuda_toolkit() -> dict[str, Any]:
+    """The CUDA toolkit CMake is pointed at (scripts/gpu_check.sh exports CUDA_PATH and puts
+    its bin/ first on PATH) and any libnvrtc* in it: torch's CMake config needs the former,
+    and a toolkit without nvrtc is fine for flashcomm (it links torch's target)."""
+    root, how = os.environ.get("CUDA_PATH"), "CUDA_PATH"
+    if not root and os.environ.get("CUDA_HOME"):
+        root, how = os.environ["CUDA_HOME"], "CUDA_HOME"
+    if not root and Path("/usr/local/cuda/bin/nvcc").exists():
+        root, how = "/usr/local/cuda", "default location"
+    if not root and (nvcc := shutil.which("nvcc")):
+        root, how = str(Path(nvcc).resolve().parent.parent), "the nvcc on PATH"
+    info: dict[str, Any] = {"cuda_toolkit": f"{root} ({how})" if root else "none"}
+    if root:
+        if not (Path(root) / "include/cuda_runtime.h").exists():
+            info["cuda_toolkit"] += ": no include/cuda_runtime.h there"
+        found = sorted({str(p) for pattern in ("lib/libnvrtc*", "lib64/libnvrtc*",
+                                               "targets/*/lib/libnvrtc*")
+                        for p in Path(root).glob(pattern)})
+        info["libnvrtc"] = ", ".join(found) or "none in the toolkit"
+    info["nvcc_on_path"] = shutil.which("nvcc") or "none"
+    return info
+
+
 def step_env(args) -> int:
     result = StepResult("env", args.device)
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -455,6 +494,7 @@ def step_env(args) -> int:
             info[tool] = lines[-1] if tool == "nvcc" else lines[0]  # nvcc: "Build cuda_..."
         except Exception as e:  # noqa: BLE001
             info[tool] = f"failed: {e}"
+    info.update(cuda_toolkit())
     try:
         info["flashcomm_commit"] = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -464,81 +504,6 @@ def step_env(args) -> int:
     for k, v in info.items():
         print(f"  {k:<16} {v}")
     result.data["env"] = info
-    return result.finish(args.out)
-
-
-def step_build_direct(args) -> int:
-    """Builds libflashcomm_ops.so with ninja and g++ from the torch of this interpreter,
-    without CMake (the fallback when CMake cannot configure against this torch). The
-    layout mirrors CMakeLists.txt: core + comm + ops + registration + isa.cpp, and every
-    csrc/kernels/cpu/*_kernel.cpp once per ISA with its CMake flags."""
-    import torch.distributed as dist
-    from torch.utils import cpp_extension
-
-    result = StepResult("build-direct", args.device)
-    build = Path(args.build_dir).resolve()
-    build.mkdir(parents=True, exist_ok=True)
-    cmake_text = (ROOT / "CMakeLists.txt").read_text()
-    isa_flags: dict[str, str] = {}
-    for isa, flags in re.findall(r"set\(FLASHCOMM_ISA_FLAGS_(\w+)\s+([^)]*)\)", cmake_text):
-        isa_flags[isa] = "" if flags.strip() == '""' else flags.strip()
-    # CMakeLists.txt sets the x86-64 ISA list first, then DEFAULT alone for other CPUs.
-    isa_lists = re.findall(r"set\(FLASHCOMM_ISAS ([\w ]+)\)", cmake_text)
-    x86 = platform.machine() in ("x86_64", "AMD64")
-    isas = (isa_lists[0] if x86 and isa_lists else "DEFAULT").split()
-    defines = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    # The interface definitions torch's CMake targets would add (USE_DISTRIBUTED,
-    # USE_C10D_GLOO, USE_C10D_NCCL, ...): c10d headers depend on them.
-    targets = Path(torch.__file__).parent / "share/cmake/Caffe2/Caffe2Targets.cmake"
-    interface = set()
-    if targets.exists():
-        for value in re.findall(r'INTERFACE_COMPILE_DEFINITIONS "([^"]*)"', targets.read_text()):
-            interface.update(d for d in value.split(";") if d and "$" not in d)
-    elif dist.is_available():
-        interface.add("USE_DISTRIBUTED")
-        interface.update(d for d, ok in (("USE_C10D_GLOO", dist.is_gloo_available()),
-                                         ("USE_C10D_NCCL", dist.is_nccl_available())) if ok)
-    defines += [f"-D{d}" for d in sorted(interface)]
-    includes = [f"-I{ROOT / 'include'}", f"-I{ROOT / 'csrc'}"] + \
-        [f"-isystem {p}" for p in cpp_extension.include_paths()]
-    lib_dir = cpp_extension.library_paths()[0]
-    base = "-std=gnu++17 -O3 -DNDEBUG -fPIC -Wall -Wextra -Wno-unused-parameter"
-    core = sorted((ROOT / "csrc/core").glob("*.cpp")) + sorted((ROOT / "csrc/core").glob(
-        "shm/*.cpp"))
-    ops = sorted((ROOT / "csrc/comm").glob("*.cpp")) + sorted((ROOT / "csrc/ops").glob("*.cpp"))
-    ops += [ROOT / "csrc/kernels/cpu/isa.cpp", ROOT / "csrc/registration.cpp"]
-    kernels = sorted((ROOT / "csrc/kernels/cpu").glob("*_kernel.cpp"))
-    have = " ".join(f"-DFLASHCOMM_HAVE_{isa}" for isa in isas) if kernels else ""
-    lines = [f"cxx = {os.environ.get('CXX', 'g++')}",
-             f"base = {base} {' '.join(defines)} {' '.join(includes)}",
-             "rule cc", "  command = $cxx -MD -MF $out.d $base $flags -c $in -o $out",
-             "  depfile = $out.d", "  deps = gcc", "  description = CXX $in",
-             "rule link", "  command = $cxx -shared -o $out $in -L" + lib_dir +
-             " -Wl,-rpath," + lib_dir + " -ltorch -ltorch_cpu -lc10 -lpthread -lrt",
-             "  description = LINK $out"]
-    objects = []
-    for src in core + ops:
-        obj = f"obj/{src.relative_to(ROOT)}.o"
-        lines.append(f"build {obj}: cc {src}\n  flags = {have}")
-        objects.append(obj)
-    for isa in isas:
-        for src in kernels:
-            obj = f"obj/{isa}/{src.relative_to(ROOT)}.o"
-            lines.append(f"build {obj}: cc {src}\n  flags = -DCPU_CAPABILITY={isa} "
-                         f"-DCPU_CAPABILITY_{isa} {isa_flags.get(isa, '')}")
-            objects.append(obj)
-    lines.append(f"build libflashcomm_ops.so: link {' '.join(objects)}")
-    (build / "build.ninja").write_text("\n".join(lines) + "\n")
-    print(f"  {len(objects)} objects, ISAs {isas}, torch libs {lib_dir}", flush=True)
-    jobs = str(args.jobs or os.cpu_count() or 2)
-    # --plan-only (dry run with a prebuilt library): ninja checks the build file and
-    # lists the commands without compiling.
-    proc = subprocess.run(["ninja", "-C", str(build), "-j", jobs] +
-                          (["-n"] if args.plan_only else []), text=True)
-    if proc.returncode != 0:
-        result.fail(f"ninja exited with {proc.returncode}")
-    elif not args.plan_only:
-        result.data["library"] = str(build / "libflashcomm_ops.so")
     return result.finish(args.out)
 
 
@@ -1022,7 +987,7 @@ def step_bench_overlap(args) -> int:
 def step_report(args) -> int:
     """gpu_check.json (every step's JSON) and gpu_check.txt (the tables)."""
     merged: dict[str, Any] = {}
-    order = [*STEPS, "probe-direct"]
+    order = ["run", *STEPS, "probe-fallback"]
     for path in sorted(args.out.glob("*.json"),
                        key=lambda p: order.index(p.stem) if p.stem in order else len(order)):
         if path.name != "gpu_check.json":
@@ -1030,10 +995,16 @@ def step_report(args) -> int:
     (args.out / "gpu_check.json").write_text(json.dumps(merged, indent=1, default=str))
     lines = []
     env = merged.get("env", {}).get("env", {})
-    lines.append(f"{env.get('gpu', '?')}: torch {env.get('torch')} CUDA {env.get('torch_cuda')} "
-                 f"NCCL {env.get('nccl', '-')}")
+    lines.append(f"{env.get('gpu', '?')}: torch {env.get('torch', torch.__version__)} "
+                 f"CUDA {env.get('torch_cuda', torch.version.cuda)} NCCL {env.get('nccl', '-')}")
+    run = merged.get("run", {})
+    if run:  # the shell's table: every step, timed-out, killed and skipped ones included
+        lines.append(f"{run.get('mode')}: {run.get('verdict')} after {run.get('seconds')} s "
+                     f"(deadline {run.get('deadline_s')} s)")
+        lines += [f"  {r['step']:<14} {r['seconds']:>5} s  {r['verdict']}"
+                  for r in run.get("steps", [])]
     for step, data in merged.items():
-        if isinstance(data, dict) and "seconds" in data:
+        if isinstance(data, dict) and "seconds" in data and not run:
             state = "FAILED" if data["failures"] else (
                 "FAILED (forced paths not taken)" if data["path_failures"] else "passed")
             lines.append(f"  {step:<14} {state:<32} {data['seconds']:>7.1f} s")
@@ -1079,7 +1050,7 @@ def step_report(args) -> int:
 
 
 STEPS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "env": step_env, "build-direct": step_build_direct, "probe": step_probe,
+    "env": step_env, "probe": step_probe,
     "checks": step_checks, "opcheck": step_opcheck, "graphs": step_graphs,
     "compile": step_compile, "bench-gemm": step_bench_gemm, "bench-overlap": step_bench_overlap,
     "report": step_report,
@@ -1094,13 +1065,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (compile step)")
-    p.add_argument("--build-dir", default="build/cuda-direct", help="build-direct output")
-    p.add_argument("--jobs", type=int, default=0)
-    p.add_argument("--plan-only", action="store_true", help="build-direct: ninja -n")
+    p.add_argument("--store-dir", type=Path, default=None,
+                   help="directory of the process groups' file stores (default: --out)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.out = args.out.resolve()
-    if args.device == "cuda" and args.step not in ("env", "build-direct", "report") and \
+    global STORE_DIR
+    STORE_DIR = args.store_dir.resolve() if args.store_dir else None
+    if (hang := os.environ.get("GPU_CHECK_DEBUG_HANG")) and hang == args.step:
+        print(f"gpu_check: GPU_CHECK_DEBUG_HANG={hang}: this step hangs (rehearsal)", flush=True)
+        while True:
+            time.sleep(3600)
+    if args.device == "cuda" and args.step not in ("env", "report") and \
             not torch.cuda.is_available():
         print(f"gpu_check: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
         return 1

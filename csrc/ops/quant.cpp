@@ -40,7 +40,13 @@ QuantizedActivation quantize_dynamic_aten(const at::Tensor& x) {
     // amax drops NaN on some backends; make a row containing NaN keep a NaN scale.
     absmax = at::where(xf.isnan().any(1, true), at::full_like(absmax, NAN), absmax);
   }
-  at::Tensor scale = absmax / 127.0;
+  // True division on every device. ATen's CUDA kernel divides by a CPU scalar as a
+  // multiplication by its reciprocal, 1 ulp off absmax / 127 for some values, enough to
+  // flip a quantised value at a .5 boundary; a divisor tensor on the device divides.
+  // The CPU keeps the scalar form (true division there, bitwise what the CPU kernels give).
+  at::Tensor scale = absmax.device().is_cpu()
+                         ? absmax / 127.0
+                         : absmax / at::scalar_tensor(127.0, absmax.options());
   at::Tensor safe = at::where(scale == 0, at::ones_like(scale), scale);
   return {saturate_to_int8(at::round(xf / safe), -127.0, 127.0), scale};
 }

@@ -178,6 +178,59 @@ def test_communication_ops_bitwise_equal_by_default(ranks, transport, tp):
     assert failures == [[] for _ in range(tp)], failures
 
 
+_PROVIDER_CALLS = [0]
+_PROVIDER_LIBS: list = []
+
+
+def _define_reversed_provider() -> str:
+    """An all-reduce provider with vLLM's schema that sums in reverse rank order (so, at
+    tp >= 3, in another order than either transport's reduce-scatter)."""
+    import torch.distributed as dist
+    if not _PROVIDER_LIBS:
+        lib = torch.library.Library("fc_invariance_test", "DEF")
+        lib.define("all_reduce(Tensor tensor, str group_name) -> Tensor")
+
+        def impl(t: torch.Tensor, group_name: str) -> torch.Tensor:
+            _PROVIDER_CALLS[0] += 1
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t.contiguous())
+            out = parts[-1].clone()
+            for part in reversed(parts[:-1]):
+                out += part
+            return out
+
+        lib.impl("all_reduce", impl, "CompositeExplicitAutograd")
+        _PROVIDER_LIBS.append(lib)
+    return "fc_invariance_test::all_reduce"
+
+
+def _provider_case(bitwise: bool) -> tuple[bool, int]:
+    """sp_reduce sharded vs replicated through the provider: (equal on the owned rows,
+    provider calls)."""
+    rank, _ = rank_and_size()
+    before = flashcomm.bitwise_modes()
+    flashcomm.set_all_reduce_provider(None, _define_reversed_provider(), "test")
+    try:
+        flashcomm.init(bitwise_modes=bitwise)
+        p = _randn((17, H), torch.float32, 9000 + 7 * rank)
+        calls = _PROVIDER_CALLS[0]
+        sharded = flashcomm.sp_reduce(p, None, SP_THRESHOLD, True)
+        replicated = flashcomm.sp_reduce(p, None, SP_THRESHOLD, False)
+        lo, hi = _owned(17)
+        return torch.equal(sharded[lo:hi], replicated[lo:hi]), _PROVIDER_CALLS[0] - calls
+    finally:
+        flashcomm.clear_all_reduce_provider(None)
+        flashcomm.init(bitwise_modes=before)
+
+
+def test_all_reduce_provider_is_bypassed(rank_pools):
+    """With the setting on, the replicated reduction does not go through an all-reduce
+    provider (its own sum order): it takes the sharded path's reduce-scatter instead."""
+    pool = rank_pools(3, env={"FLASHCOMM_TRANSPORT": "shm"})
+    assert pool.run(_provider_case, True) == [(True, 0)] * 3
+    assert [calls for _, calls in pool.run(_provider_case, False)] == [1] * 3
+
+
 def _agreement_error() -> str:
     rank, _ = rank_and_size()
     before = flashcomm.bitwise_modes()

@@ -12,8 +12,9 @@ batched and the lone run differ with flashcomm on, the same pair with flashcomm 
 must differ there too (the difference is vLLM's), and where off shows none, on must
 show none.
 
-Each engine start takes 35-160 s on a 2-core machine: 6 engines (7 when vLLM itself
-is batch-variant here)."""
+Each engine start takes 35-160 s on a 2-core machine: 6 engines (7 min at a load
+average of 5-8), plus one flashcomm-off engine per configuration where the batched and
+the lone run differ with flashcomm on (none did on the machine that wrote this)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ log "collectives: shm vs gloo vs vLLM's shm all-reduce"
   | tee "$OUT/collectives_cpu2.txt"
 "$PY" benchmarks/collectives_bench.py --tp 4 --repeats 15 \
   --json "$OUT/collectives_tp4_cpu2.json" | tee "$OUT/collectives_tp4_cpu2.txt"
+log "bitwise mode invariance: the invariant reduction vs the plain all-reduce on gloo"
+"$PY" benchmarks/bitwise_modes_bench.py --tp 2 4 --repeats 31 \
+  --json "$OUT/bitwise_modes_cpu2.json" | tee "$OUT/bitwise_modes_cpu2.txt"
 log "pipelined gemm_rs: reductions overlapped on a helper thread vs back to back"
 "$PY" benchmarks/overlap_bench.py --tp 2 --threads 1 --repeats 15 | tee "$OUT/overlap_cpu2.txt"
 log "op overhead at decode sizes (C++, one-rank group)"

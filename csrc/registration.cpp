@@ -249,6 +249,10 @@ TORCH_LIBRARY(flashcomm, m) {
         TORCH_FN(flashcomm::set_pipeline_config));
   // Current pipelined chunking as [max_chunks, min_chunk_rows].
   m.def("get_pipeline_config() -> int[]", TORCH_FN(get_pipeline_config_op));
+  // Bitwise mode invariance (collective-steering: set identically on every rank).
+  m.def("set_bitwise_modes(bool on) -> ()", TORCH_FN(flashcomm::set_bitwise_modes));
+  // Whether bitwise mode invariance is on (FLASHCOMM_BITWISE_MODES at first use).
+  m.def("bitwise_modes() -> bool", TORCH_FN(flashcomm::bitwise_modes));
   // Registers the auto (threshold < 0) crossover of one op shape.
   m.def("set_auto_threshold(str op, int k, int n, int tp, str dtype, int threshold) -> ()",
         TORCH_FN(set_auto_threshold_op));

@@ -22,6 +22,7 @@
 #   opcheck        torch.library.opcheck of every op, both paths
 #   graphs         CUDA-graph capture + replay of every op with forced collectives
 #   compile        torch.compile of the tiny DecoderModel (FP, W8A8): one graph for all n
+#   bitwise-modes  FLASHCOMM_BITWISE_MODES: every sp_* op sharded == replicated, bitwise
 #   bench-gemm     int8 vs bf16 GEMM, chunked-GEMM efficiency (n = 1K..16K, H = 4096/8192),
 #                  W8A8 linear at m = 1, 16, 64 (CUDA events, medians)
 #   bench-overlap  pipelined vs sequential gemm_rs / ag_gemm with forced collectives
@@ -302,6 +303,7 @@ step checks 240 "$PY" scripts/gpu_check.py checks "${COMMON[@]}"
 step opcheck 180 "$PY" scripts/gpu_check.py opcheck "${COMMON[@]}"
 step graphs 150 "$PY" scripts/gpu_check.py graphs "${COMMON[@]}"
 step compile 240 "$PY" scripts/gpu_check.py compile "${COMMON[@]}"
+step bitwise-modes 120 "$PY" scripts/gpu_check.py bitwise-modes "${COMMON[@]}"
 step bench-gemm 180 env FLASHCOMM_DEBUG_FORCE_COLLECTIVES=0 \
   "$PY" scripts/gpu_check.py bench-gemm "${COMMON[@]}" "${BENCH[@]}"
 step bench-overlap 150 "$PY" scripts/gpu_check.py bench-overlap "${COMMON[@]}" "${BENCH[@]}"

@@ -21,6 +21,7 @@ std::vector<Setting> global_settings() {
       {"library version (" + std::string(kVersion) + ")", stable_hash(kVersion)},
       {"pipeline max_chunks", cfg.max_chunks},
       {"pipeline min_chunk_rows", cfg.min_chunk_rows},
+      {"bitwise modes FLASHCOMM_BITWISE_MODES", bitwise_modes() ? 1 : 0},
       {"tuning table (hash of its entries)", stable_hash(ThresholdTable::instance().describe())},
   };
 }

@@ -1,6 +1,9 @@
 #include "core/policy.h"
 
+#include <atomic>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace flashcomm::core {
 
@@ -83,5 +86,31 @@ void set_pipeline_config(const PipelineConfig& config) {
   std::lock_guard<std::mutex> lock(g_config_mu);
   g_config = config;
 }
+
+namespace {
+// -1: not read yet (FLASHCOMM_BITWISE_MODES is read at first use), else 0 / 1.
+std::atomic<int> g_bitwise_modes{-1};
+
+int bitwise_modes_from_env() {
+  const char* v = std::getenv("FLASHCOMM_BITWISE_MODES");
+  if (v == nullptr || v[0] == '\0') return kDefaultBitwiseModes ? 1 : 0;
+  const std::string text(v);
+  if (text == "0") return 0;
+  if (text == "1") return 1;
+  throw std::invalid_argument("FLASHCOMM_BITWISE_MODES must be '0' or '1', got '" + text + "'");
+}
+}  // namespace
+
+bool bitwise_modes() {
+  int v = g_bitwise_modes.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = bitwise_modes_from_env();
+    int expected = -1;
+    if (!g_bitwise_modes.compare_exchange_strong(expected, v)) v = expected;
+  }
+  return v == 1;
+}
+
+void set_bitwise_modes(bool on) { g_bitwise_modes.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 }  // namespace flashcomm::core

@@ -87,4 +87,14 @@ struct PipelineConfig {
 PipelineConfig pipeline_config();
 void set_pipeline_config(const PipelineConfig& config);
 
+// Bitwise mode invariance (README "Numerics across the threshold"): when on, the
+// replicated path of a layout-invariant op takes the sharded path's form wherever
+// the plain form could sum or multiply in another order (c10d at tp >= 3, an
+// all-reduce provider, flashcomm's own GEMMs), so both modes give bitwise the same
+// rows. Process-wide; steers collectives, so part of the rank agreement. Default:
+// FLASHCOMM_BITWISE_MODES ("0" / "1"), read at first use, else off
+// (kDefaultBitwiseModes). An unparsable value throws std::invalid_argument.
+bool bitwise_modes();
+void set_bitwise_modes(bool on);
+
 }  // namespace flashcomm::core

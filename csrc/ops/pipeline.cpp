@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -15,7 +16,7 @@ using core::RowRange;
 
 core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t n_global,
                                int64_t K, int64_t N, c10::ScalarType dtype, int64_t threshold,
-                               bool enabled) {
+                               bool enabled, bool record) {
   int64_t resolved = threshold;
   if (resolved < 0) {
     resolved = core::resolve_threshold(
@@ -23,7 +24,7 @@ core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t 
   }
   const core::Strategy s =
       core::choose_strategy(n_global, group.size(), resolved, enabled, group.collective());
-  core::Stats::instance().record(op, s);
+  if (record) core::Stats::instance().record(op, s);
   return s;
 }
 
@@ -221,6 +222,49 @@ at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, in
     window.push(Pending(std::move(step), r));
   }
   window.drain();
+  return out;
+}
+
+bool row_gemm_in_one_call(const comm::Group& group, core::Strategy strategy, int64_t n, int64_t N,
+                          int64_t element_size, const char* op) {
+  if (!group.collective() || n == 0) return true;
+  const int64_t tp = group.size(), c = core::shard_rows(n, tp);
+  const std::vector<RowRange> scatter = plan_steps(group, strategy, c, tp * N * element_size, op);
+  if (scatter.size() != 1 || scatter[0].size() != c) return false;
+  // gemm_all_reduce: one call through a provider, else one per step of n rows; the
+  // scatter's single step holds tp * c >= n rows, so the all-reduce's fits one step too.
+  return true;
+}
+
+at::Tensor local_gemm_as_gathered(const comm::Group& group, core::Strategy strategy, int64_t n,
+                                  const ColumnLinear& linear) {
+  TORCH_INTERNAL_ASSERT(linear.rows == n);
+  at::Tensor out = at::empty({n, linear.out_features}, linear.out_options);
+  if (n == 0) return out;
+  const at::Tensor payload = materialize_payload(linear);
+  if (!group.collective()) {
+    linear.gemm(payload, out);
+    return out;
+  }
+  const int64_t tp = group.size(), c = core::shard_rows(n, tp);
+  const int64_t row_bytes = linear.payload_cols * c10::elementSize(linear.payload_dtype);
+  // all_gather_gemm runs one GEMM over every row where the transport delivers a
+  // whole-block step into one buffer (GatherStep::gathered(): c10d), else one per
+  // rank block of each step (shm: each block stays in its owner's slot).
+  const bool one_buffer = std::string(group.transport().name()) == "c10d";
+  for (const RowRange& r : plan_steps(group, strategy, c, row_bytes, "sp_column_linear")) {
+    if (r.size() == c && one_buffer) {
+      at::Tensor dst = out;
+      linear.gemm(payload, dst);
+      continue;
+    }
+    for (int64_t d = 0; d < tp; ++d) {
+      const int64_t rows = core::valid_rows_in_block(n, tp, d, r.begin, r.end);
+      if (rows == 0) continue;
+      at::Tensor dst = out.narrow(0, d * c + r.begin, rows);
+      linear.gemm(payload.narrow(0, d * c + r.begin, rows), dst);
+    }
+  }
   return out;
 }
 

@@ -21,9 +21,11 @@ namespace flashcomm::ops {
 
 // The strategy of one call (threshold < 0 resolved through the tuning table for
 // the op shape), recorded in the per-op counters. Rank-invariant inputs only.
+// `record` = false: only the decision (the replicated path of bitwise mode
+// invariance reproduces the sharded path's chunking without counting a call of it).
 core::Strategy decide_strategy(core::OpId op, const comm::Group& group, int64_t n_global,
                                int64_t K, int64_t N, c10::ScalarType dtype, int64_t threshold,
-                               bool enabled);
+                               bool enabled, bool record = true);
 
 // Row-parallel GEMM + reduce-scatter over n global rows into `out` ([c, N],
 // contiguous: this rank's block of the summed product, rows >= n zero; a group
@@ -45,6 +47,19 @@ void gemm_all_reduce(const comm::Group& group, const RowLinear& linear, at::Tens
 at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, int64_t n,
                            const ColumnLinear& linear, const comm::CallInfo& call,
                            at::Tensor out = at::Tensor());
+
+// True when gemm_reduce_scatter(group, strategy, ...) and gemm_all_reduce(group, ...)
+// of n rows of N outputs (`element_size` bytes each) both compute their GEMM as one
+// call over rows [0, n): the same rows in the same call, so the same bits.
+bool row_gemm_in_one_call(const comm::Group& group, core::Strategy strategy, int64_t n, int64_t N,
+                          int64_t element_size, const char* op);
+
+// The local GEMM of every row (replicated mode) computed over exactly the blocks of
+// rows all_gather_gemm(group, strategy, n, ...) would give the GEMM, so each row's
+// output is bitwise the sharded path's (a GEMM's rows may depend on how many rows
+// it gets). `linear` holds all n rows (linear.rows == n). No communication.
+at::Tensor local_gemm_as_gathered(const comm::Group& group, core::Strategy strategy, int64_t n,
+                                  const ColumnLinear& linear);
 
 // [n, N_r] on every rank -> [n, N_r * tp], output features in rank order.
 at::Tensor gather_output_features(const comm::Group& group, const at::Tensor& local,

@@ -10,6 +10,8 @@
 #include "kernels/cpu/isa.h"
 #include "ops/ops.h"
 
+#include <stdexcept>
+
 namespace flashcomm {
 
 std::vector<std::pair<std::string, int64_t>> stats() { return core::Stats::instance().snapshot(); }
@@ -21,6 +23,16 @@ void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows) {
   TORCH_CHECK(min_chunk_rows >= 1, "set_pipeline_config: min_chunk_rows must be >= 1, got ",
               min_chunk_rows);
   core::set_pipeline_config({max_chunks, min_chunk_rows});
+}
+
+void set_bitwise_modes(bool on) { core::set_bitwise_modes(on); }
+
+bool bitwise_modes() {
+  try {
+    return core::bitwise_modes();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 void set_all_reduce_provider(const std::string& group_name, const std::string& op,

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #include "comm/comm.h"
 #include "core/policy.h"
@@ -82,17 +83,50 @@ at::Tensor owned_block(const at::Tensor& t, const comm::Group& group) {
   return block;
 }
 
+// Bitwise mode invariance (core::bitwise_modes(), README "Numerics across the
+// threshold"). A replicated call gives the sharded call's bits when both sum every
+// row in the same order and hand flashcomm's GEMM the same rows.
+// The sums: shm sums every element in rank order in every collective; at tp = 2 every
+// collective computes one addition of two partials (commutative); c10d at tp >= 3
+// (gloo, NCCL) and an all-reduce provider may add in another order in an all-reduce
+// than in a reduce-scatter.
+bool sums_may_differ(const comm::Group& g) {
+  if (comm::has_all_reduce_provider(g)) return true;
+  return g.size() >= 3 && std::string(g.transport().name()) != "shm";
+}
+
+bool bitwise(const comm::Group& g) { return g.collective() && core::bitwise_modes(); }
+
 // Row-parallel output [n, N]: all-reduce (replicated) or reduce-scatter into the
 // owned rows (sharded). `compact_op` >= 0: the sharded path counts and picks a
 // kernel strategy as that compact op (threshold); else it runs sequential. `out`,
 // when defined ([n, N], contiguous), receives the result (it may be the memory the
 // linear reads: every step copies its rows before any of them is overwritten).
+// With bitwise mode invariance, a replicated call that could differ runs the
+// sharded path's GEMMs and reduce-scatters (same strategy, same steps, same row
+// blocks of c rows, padded), then all-gathers the owned rows: every row is summed
+// by the same collective in both modes.
 at::Tensor row_parallel(const ModeCall& mc, int compact_op, const ops::RowLinear& linear, int64_t K,
                         c10::ScalarType key_dtype, int64_t threshold,
                         at::Tensor out = at::Tensor()) {
   const comm::Group& g = mc.group;
   const int64_t n = linear.n, N = linear.out_features, tp = g.size();
-  if (mc.mode == Mode::kReplicated) {
+  // The GEMMs (compact_op >= 0: flashcomm's own): a GEMM's row may depend on how many
+  // rows it gets, and the sharded path may give it blocks of rows (pipelined chunks,
+  // steps cut to the transport's capacity).
+  bool as_sharded = false;
+  if (mc.mode == Mode::kReplicated && bitwise(g)) {
+    as_sharded = sums_may_differ(g);
+    if (!as_sharded && compact_op >= 0) {
+      const core::Strategy s =
+          ops::decide_strategy(static_cast<OpId>(compact_op), g, n, K, N, key_dtype, threshold,
+                               /*enabled=*/true, /*record=*/false);
+      const int64_t element_size =
+          static_cast<int64_t>(linear.out_options.dtype().itemsize());
+      as_sharded = !ops::row_gemm_in_one_call(g, s, n, N, element_size, mc.info.op);
+    }
+  }
+  if (mc.mode == Mode::kReplicated && !as_sharded) {
     if (!out.defined()) out = at::empty({n, N}, linear.out_options);
     ops::gemm_all_reduce(g, linear, out, mc.info);
     return out;
@@ -100,7 +134,7 @@ at::Tensor row_parallel(const ModeCall& mc, int compact_op, const ops::RowLinear
   const int64_t c = core::shard_rows(n, tp), r = g.rank();
   const core::Strategy s =
       compact_op >= 0 ? ops::decide_strategy(static_cast<OpId>(compact_op), g, n, K, N, key_dtype,
-                                             threshold, /*enabled=*/true)
+                                             threshold, /*enabled=*/true, /*record=*/!as_sharded)
                       : core::Strategy::kSequential;
   comm::CallInfo info = mc.info;
   info.strategy = static_cast<int8_t>(s);
@@ -120,6 +154,10 @@ at::Tensor row_parallel(const ModeCall& mc, int compact_op, const ops::RowLinear
       out.narrow(0, mine.begin, mine.size()).copy_(block.narrow(0, 0, mine.size()));
     }
   }
+  if (as_sharded) {
+    ops::gather_owned_rows(g, out, info);  // every row valid, as replicated promises
+    return out;
+  }
   poison_outside(out, owned(g, n));
   return out;
 }
@@ -135,7 +173,13 @@ at::Tensor column_parallel(const ModeCall& mc, OpId compact_op, const at::Tensor
   const int64_t n = x.size(0);
   at::Tensor local;
   comm::CallInfo info = mc.info;
-  if (mc.mode == Mode::kReplicated) {
+  if (mc.mode == Mode::kReplicated && bitwise(g)) {
+    // Bitwise mode invariance: the GEMM gets the row blocks the sharded path gives it
+    // (one call over every row on c10d when the sharded path gathers in one step).
+    const core::Strategy s = ops::decide_strategy(compact_op, g, n, x.size(1), N_r, key_dtype,
+                                                  threshold, /*enabled=*/true, /*record=*/false);
+    local = ops::local_gemm_as_gathered(g, s, n, linear_of(/*sharded=*/false));
+  } else if (mc.mode == Mode::kReplicated) {
     local = ops::run_local(linear_of(/*sharded=*/false));
   } else {
     const core::Strategy s = ops::decide_strategy(compact_op, g, n, x.size(1), N_r, key_dtype,

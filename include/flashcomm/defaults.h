@@ -18,4 +18,8 @@ inline constexpr int64_t kDefaultSpThreshold = 1000;
 inline constexpr int64_t kDefaultMaxChunks = 4;
 inline constexpr int64_t kDefaultMinChunkRows = 16;
 
+// Bitwise mode invariance of the layout-invariant ops (FLASHCOMM_BITWISE_MODES):
+// off by default; its cost at decode sizes is in BENCHMARKS.md.
+inline constexpr bool kDefaultBitwiseModes = false;
+
 }  // namespace flashcomm

@@ -168,6 +168,13 @@ void reset_stats();
 // identically on every rank.
 void set_pipeline_config(int64_t max_chunks, int64_t min_chunk_rows);
 
+// Bitwise mode invariance (FLASHCOMM_BITWISE_MODES, default off): when on, every
+// layout-invariant op returns bitwise the same rows replicated and sharded, on every
+// transport and tp (README, "Numerics across the threshold"). Steers collectives:
+// set it identically on every rank (compared at a group's next flashcomm::init).
+void set_bitwise_modes(bool on);
+bool bitwise_modes();
+
 // Routes the all-reduces of the c10d group `group_name` (the replicated path) through
 // the registered op `op` with the schema (Tensor tensor, str group_name) -> Tensor,
 // e.g. "vllm::all_reduce", which knows the same ranks as `provider_group`. Set it

@@ -207,6 +207,20 @@ def set_pipeline_config(max_chunks: int = DEFAULTS["max_chunks"],
     torch.ops.flashcomm.set_pipeline_config(max_chunks, min_chunk_rows)
 
 
+def set_bitwise_modes(on: bool) -> None:
+    """Bitwise mode invariance (``FLASHCOMM_BITWISE_MODES``, default off): when on,
+    every layout-invariant op returns bitwise the same rows whether a call runs
+    replicated or sharded, on every transport and tp (README, "Numerics across the
+    threshold"). It steers collectives: set it identically on every rank, then call
+    :func:`init` (the ranks compare it)."""
+    torch.ops.flashcomm.set_bitwise_modes(bool(on))
+
+
+def bitwise_modes() -> bool:
+    """Whether bitwise mode invariance is on."""
+    return bool(torch.ops.flashcomm.bitwise_modes())
+
+
 def get_pipeline_config() -> tuple[int, int]:
     """``(max_chunks, min_chunk_rows)`` currently in force."""
     max_chunks, min_rows = torch.ops.flashcomm.get_pipeline_config()
@@ -266,7 +280,7 @@ def _default_device(group: Group) -> torch.device:
 
 def init(group: Group = None, *, sp_threshold: Optional[int] = None,
          threshold: Optional[int] = None, enabled: Optional[bool] = None,
-         transport: Optional[str] = None,
+         transport: Optional[str] = None, bitwise_modes: Optional[bool] = None,
          device: Union[str, torch.device, None] = None, **settings: int) -> None:
     """Verifies that every rank of ``group`` holds the same collective-steering
     configuration -- library version, pipeline chunking, tuning table, all-reduce
@@ -284,12 +298,16 @@ def init(group: Group = None, *, sp_threshold: Optional[int] = None,
         transport: ``"auto"`` (default: ``FLASHCOMM_TRANSPORT``, else host shared
             memory when every rank is a CPU process on this host, else c10d),
             ``"shm"`` or ``"c10d"``; only before the group's first use.
+        bitwise_modes: sets :func:`set_bitwise_modes` (process-wide) before the
+            check, which compares it across the ranks.
         device: where the check's collective runs; default: the device the group's
             backend serves (gloo: CPU, NCCL: the current CUDA device, HCCL: NPU).
     """
     name = group_name(group)
     if transport is not None:
         torch.ops.flashcomm.set_transport(name, transport)
+    if bitwise_modes is not None:
+        set_bitwise_modes(bitwise_modes)
     named = dict(settings)
     for key, value in (("sp_threshold", sp_threshold), ("threshold", threshold),
                        ("enabled", enabled)):

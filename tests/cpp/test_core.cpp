@@ -181,6 +181,20 @@ TEST(Agreement, NamesEveryDifferingSettingWithEachRanksValue) {
             "'sp_threshold': rank 0 = 64, rank 1 = 64, rank 2 = 32");
 }
 
+TEST(Agreement, GlobalSettingsTrackBitwiseModes) {
+  const bool saved = bitwise_modes();
+  auto value = [] {
+    for (const auto& s : global_settings())
+      if (s.name == "bitwise modes FLASHCOMM_BITWISE_MODES") return s.value;
+    return int64_t{-1};
+  };
+  set_bitwise_modes(true);
+  EXPECT_EQ(value(), 1);
+  set_bitwise_modes(false);
+  EXPECT_EQ(value(), 0);
+  set_bitwise_modes(saved);
+}
+
 TEST(Agreement, GlobalSettingsTrackConfigAndTable) {
   ThresholdTable::instance().clear();
   const auto before = global_settings();

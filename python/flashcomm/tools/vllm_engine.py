@@ -48,6 +48,11 @@ BIG = [[(7 * i + 3 * j + 5) % 500 + 3 for j in range(12)] for i in range(3)]  # 
 SMALL = [[(11 * j + 1) % 500 + 3 for j in range(8)]]  # 8 tokens
 MAX_TOKENS = 8
 TOP_LOGPROBS = 2
+# The mode-invariance pass (``--invariance``): a long prompt served together with two
+# short ones, then each alone, greedy with the top-INVARIANCE_LOGPROBS log-probs.
+MIXED = [[(5 * j + 2) % 500 + 3 for j in range(40)], [(3 * j + 9) % 500 + 3 for j in range(5)],
+         [(17 * j + 4) % 500 + 3 for j in range(7)]]
+INVARIANCE_LOGPROBS = 5
 ENGINE_TIMEOUT_S = int(os.environ.get("FLASHCOMM_VLLM_TEST_TIMEOUT", "1200"))
 COMPILE_BACKENDS = ("inductor", "eager")
 
@@ -128,18 +133,25 @@ def vllm_env(tmp: Path, enable: bool, tp: int, compile_backend: str = "eager",
 
 def run_engine(tmp: Path, model: Path, enable: bool, tp: int = 2, dtype: str = "float32",
                bench: bool = False, logprobs: bool = False, compile_backend: str = "eager",
-               cpu_view: Optional[str] = None) -> tuple[Optional[dict], str]:
+               cpu_view: Optional[str] = None, invariance: bool = False,
+               env: Optional[dict[str, str]] = None,
+               tag: str = "") -> tuple[Optional[dict], str]:
     """Runs ``vllm.LLM`` on ``model`` in a subprocess; returns (result, log), the result
     None when it failed. ``logprobs``: also the top-2 log-probs of every generated
     position (a separate pass after the checked one). ``bench``: also prefill and decode
-    timings. ``cpu_view``: a key of :data:`CPU_VIEWS` (None: from the environment)."""
+    timings. ``cpu_view``: a key of :data:`CPU_VIEWS` (None: from the environment).
+    ``invariance``: also :data:`MIXED` served as one batch and each prompt alone, with
+    ids and top-5 log-probs (``res["invariance"]``). ``env``: set over :func:`vllm_env`
+    (e.g. ``FLASHCOMM_SP_THRESHOLD``); ``tag`` names this run's result and log files."""
     view = cpu_view_from_env() if cpu_view is None else cpu_view
-    out = tmp / f"result_{model.name}_{'on' if enable else 'off'}.json"
+    out = tmp / f"result_{model.name}_{'on' if enable else 'off'}{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), str(model), str(out), "--tp", str(tp),
            "--dtype", dtype] + (["--bench"] if bench else []) + \
-        (["--logprobs"] if logprobs else [])
+        (["--logprobs"] if logprobs else []) + (["--invariance"] if invariance else [])
+    run_env = vllm_env(tmp, enable, tp, compile_backend, view)
+    run_env.update(env or {})
     t0 = time.time()
-    proc = subprocess.run(cmd, env=vllm_env(tmp, enable, tp, compile_backend, view),
+    proc = subprocess.run(cmd, env=run_env,
                           capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S,
                           cwd=str(tmp))
     log = proc.stdout + proc.stderr
@@ -222,6 +234,8 @@ def _engine_main(argv: list[str]) -> None:
     p.add_argument("--bench", action="store_true")
     p.add_argument("--logprobs", action="store_true",
                    help=f"then a pass with the top-{TOP_LOGPROBS} log-probs")
+    p.add_argument("--invariance", action="store_true",
+                   help="then MIXED as one batch and each prompt alone, with log-probs")
     a = p.parse_args(argv)
     from vllm import LLM, SamplingParams
 
@@ -260,6 +274,19 @@ def _engine_main(argv: list[str]) -> None:
                 raise RuntimeError(f"greedy ids changed when log-probs were requested: "
                                    f"{again} vs {res[f'ids_{key}']}")
         res["logprobs"] = logprobs
+    if a.invariance:
+        # The same requests batched together and alone: per request, greedy ids and the
+        # top-5 log-probs of every generated position (exact floats).
+        lp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            detokenize=False, logprobs=INVARIANCE_LOGPROBS)
+        inv: dict[str, Any] = {}
+        inv["ids_mixed"] = gen(MIXED, lp, key="inv_mixed")
+        inv["logprobs_mixed"] = logprobs.pop("inv_mixed")
+        inv["ids_alone"], inv["logprobs_alone"] = [], []
+        for prompt in MIXED:
+            inv["ids_alone"] += gen([prompt], lp, key="inv_alone")
+            inv["logprobs_alone"] += logprobs.pop("inv_alone")
+        res["invariance"] = inv
     if a.bench:
         long = [[(13 * i + 7 * j) % 500 + 3 for j in range(100)] for i in range(4)]  # 400
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)

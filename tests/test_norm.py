@@ -287,7 +287,12 @@ def test_requested_view_is_active():
     check_requested_view_is_active(_CHILD_ENV)
 
 
-@pytest.mark.parametrize("view", LOWER_VIEWS)
+# The norm uses no extension beyond AVX512-BF16, which "no-amx" keeps: that view runs this
+# machine's own path, so it is not rerun.
+NORM_VIEWS = [v for v in LOWER_VIEWS if v != "no-amx"]
+
+
+@pytest.mark.parametrize("view", NORM_VIEWS)
 def test_cpu_view(view):
     """Reruns the kernel tests of this module, and the comparison with the vLLM kernel
     of that CPU class, in a child that sees CPU view ``view``."""

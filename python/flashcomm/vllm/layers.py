@@ -343,18 +343,21 @@ def install() -> None:
 # form its fused ops replace vLLM's batch-invariant linear; (2) in every form the
 # reduction switches between all-reduce (replicated) and reduce-scatter + all-gather
 # (sharded) at sp_threshold, i.e. with the batch's token count, and its boundary norms
-# replace vLLM's batch-invariant RMSNorm; (3) the bitwise equality of the two modes is
-# established only for the shared-memory transport at tp = 2, not on c10d (NCCL / gloo)
-# at tp >= 3, and has never been tested under vLLM's batch-invariant mode (whose kernels
-# do not run on CPU, where the integration is tested). Honouring the flag would need
-# that guarantee on the transport in use and an engine test of it.
+# replace vLLM's batch-invariant RMSNorm; (3) the bitwise equality of the two modes
+# (README, "Numerics across the threshold") holds by default only for the engine form on
+# shm (any tp) or c10d at tp = 2, everywhere else only with FLASHCOMM_BITWISE_MODES=1,
+# NCCL's sum order is not documented, and none of it has run under vLLM's
+# batch-invariant mode (whose kernels do not run on CPU, where the integration is
+# tested). Honouring the flag would need that guarantee on the transport in use and an
+# engine test of it under the flag.
 BATCH_INVARIANT_REASON = (
     "VLLM_BATCH_INVARIANT=1 is set, and flashcomm cannot keep vLLM's batch-invariance "
     "guarantee: it switches the TP collective (all-reduce below sp_threshold tokens, "
     "reduce-scatter + all-gather above) with the batch's token count, replaces vLLM's "
     "batch-invariant RMSNorm (and, in the flashcomm GEMM form, its batch-invariant "
-    "linear), and its replicated/sharded results are bitwise equal only on the "
-    "shared-memory transport at tp=2. Unset VLLM_BATCH_INVARIANT to use flashcomm")
+    "linear), and whether its replicated and sharded results are bitwise equal "
+    "depends on the transport, tp and FLASHCOMM_BITWISE_MODES, untested under vLLM's "
+    "batch-invariant kernels. Unset VLLM_BATCH_INVARIANT to use flashcomm")
 
 
 def check_config(vllm_config: Any) -> None:

@@ -484,6 +484,10 @@ void Channel::await(int peer, Awaited what, uint64_t target, const Step& step) {
       const ProcessId owner{static_cast<int64_t>(id.pid), id.pid_ns, id.start_time};
       if (process_liveness(owner) == Liveness::kGone) {
         if (counter.load(kAcquire) >= target) return;
+        // A peer that closed or aborted, then exited, since this round's state check is
+        // reported with its reason (by the next round), not as merely dead.
+        const uint64_t last = h->state.value.load(kAcquire);
+        if (last == layout::kStateAborted || last == layout::kStateClosed) continue;
         fail(Kind::kPeerDead, peer,
              "rank " + std::to_string(peer) + " (pid " + std::to_string(id.pid) +
                  ") died while this rank waited for it to " + task() + details());

@@ -276,4 +276,8 @@ TORCH_LIBRARY(flashcomm, m) {
   // Test hook: the agreement check believes the current stream is capturing a CUDA graph.
   m.def("_set_capturing_for_testing(bool capturing) -> ()",
         TORCH_FN(set_capturing_for_testing_op));
+  // Test hook: the group transport's plain in-place all-reduce, which no op reaches (a group
+  // with an all-reduce provider, the only caller of the plain all-reduce, bypasses it).
+  m.def("_all_reduce_for_testing(Tensor(a!) t, str group_name) -> ()",
+        TORCH_FN(all_reduce_for_testing_op));
 }

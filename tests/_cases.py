@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,6 +42,20 @@ def error_of(fn, *args, **kwargs) -> str:
     except RuntimeError as e:
         return str(e)
     return "<no error>"
+
+
+def with_env(env: dict[str, str], fn, *args):
+    """fn(*args) with ``env`` set in this rank (read when a fresh group is first used)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def rank_and_size() -> tuple[int, int]:

@@ -21,7 +21,7 @@ import flashcomm
 from flashcomm.tools.reference import quantize_weight_per_channel, relative_error
 from flashcomm.tools.testing import free_port
 
-from _cases import error_of, rank_and_size
+from _cases import error_of, rank_and_size, with_env
 
 
 def _shm_entries() -> list[str]:
@@ -237,20 +237,6 @@ def test_messages_over_the_budget_stream_exactly(rank_pools, tp):
 NEVER = str(1 << 62)  # FLASHCOMM_SHM_TWO_SHOT_BYTES larger than any message
 
 
-def _with_env(env: dict[str, str], fn, *args):
-    """fn(*args) with ``env`` set in this rank (read when a fresh group is first used)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn(*args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _all_reduces(dtype, n, K, N):
     """A replicated sp_row_linear (the GEMM writes into the slot) and an sp_reduce of an
     engine's partial, on a fresh shared-memory group; with the transport counters."""
@@ -271,7 +257,7 @@ def _all_reduces(dtype, n, K, N):
 
 def _one_and_two_shot(dtype, n, K, N, budget):
     env = {"FLASHCOMM_SHM_BYTES": str(budget)}
-    return {setting: _with_env({**env, "FLASHCOMM_SHM_TWO_SHOT_BYTES": setting},
+    return {setting: with_env({**env, "FLASHCOMM_SHM_TWO_SHOT_BYTES": setting},
                                _all_reduces, dtype, n, K, N)
             for setting in ("0", NEVER)}
 
@@ -324,7 +310,7 @@ def test_default_two_shot_from_three_ranks_and_256_kib(rank_pools, tp):
 
 
 def _rank_two_shot_settings(settings):
-    return _with_env({"FLASHCOMM_SHM_TWO_SHOT_BYTES": settings[dist.get_rank()]},
+    return with_env({"FLASHCOMM_SHM_TWO_SHOT_BYTES": settings[dist.get_rank()]},
                      error_of, lambda: _row_linear_on(_fresh_group("shm")))
 
 
@@ -334,7 +320,7 @@ def test_ranks_with_different_two_shot_sizes_fail_at_first_use(rank_pools):
 
 
 def _first_use_with(var, value):
-    return _with_env({var: value}, error_of, lambda: _row_linear_on(_fresh_group("shm")))
+    return with_env({var: value}, error_of, lambda: _row_linear_on(_fresh_group("shm")))
 
 
 def test_bad_two_shot_and_overlap_values_name_the_variable(rank_pools):
@@ -365,7 +351,7 @@ def _pipelined_reductions(overlap, dtype):
                 "sp_row_linear": flashcomm.sp_row_linear(xs, ws, None, grp, 0)[owned]}
         return outs, flashcomm.stats()["shm_reduce"]
 
-    return _with_env({"FLASHCOMM_SHM_OVERLAP": overlap, "FLASHCOMM_SHM_BYTES": str(64 << 10)},
+    return with_env({"FLASHCOMM_SHM_OVERLAP": overlap, "FLASHCOMM_SHM_BYTES": str(64 << 10)},
                      run)
 
 

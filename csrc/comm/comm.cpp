@@ -65,9 +65,7 @@ struct GroupState {
   TransportKind requested = TransportKind::kAuto;
   bool force_collectives = false;
   bool debug_check = false;
-  int64_t shm_bytes = kDefaultShmBytes;
-  int64_t shm_two_shot_bytes = -1;  // FLASHCOMM_SHM_TWO_SHOT_BYTES (-1: by group size)
-  ShmOverlap shm_overlap = ShmOverlap::kAuto;  // FLASHCOMM_SHM_OVERLAP (local, not agreed)
+  ShmSettings shm;  // FLASHCOMM_SHM_* and FLASHCOMM_DEBUG_THROW
   std::unique_ptr<Transport> transport;  // chosen at first use, kept across re-agreements
   std::shared_ptr<const AllReduceProvider> provider;  // read with atomic_load
 };
@@ -90,9 +88,7 @@ std::shared_ptr<GroupState> state_for(const std::string& key, const void* identi
     fresh->requested = env_transport();
     fresh->force_collectives = env_flag("FLASHCOMM_DEBUG_FORCE_COLLECTIVES");
     fresh->debug_check = env_flag("FLASHCOMM_DEBUG_CHECK");
-    fresh->shm_bytes = shm_bytes_from_env();
-    fresh->shm_two_shot_bytes = shm_two_shot_bytes_from_env();
-    fresh->shm_overlap = shm_overlap_from_env();
+    fresh->shm = ShmSettings::from_env();
     slot = std::move(fresh);
   }
   if (slot->pg_identity == nullptr) slot->pg_identity = identity;
@@ -108,6 +104,13 @@ std::string key_of(const ProcessGroupPtr& pg) {
 }
 
 }  // namespace
+
+std::string error_text(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
 
 void fail_collective(const char* op, const std::string& group, int64_t size, int64_t rank,
                      const char* how, const std::exception& e) {
@@ -126,6 +129,23 @@ Group make_group(ProcessGroupPtr pg, std::string name, const char* op) {
   g.pg_ = std::move(pg);
   return g;
 }
+
+DebugThrow debug_throw_from_env() {
+  const char* v = std::getenv("FLASHCOMM_DEBUG_THROW");
+  if (v == nullptr || v[0] == '\0') return DebugThrow::kNone;
+  const std::string text(v);
+  if (text == "gemm") return DebugThrow::kGemm;
+  if (text == "sum") return DebugThrow::kSum;
+  TORCH_CHECK(false, "FLASHCOMM_DEBUG_THROW (test-only) must be 'gemm' or 'sum', got '", v, "'");
+}
+
+void debug_throw_if(DebugThrow configured, DebugThrow at) {
+  if (configured != at || at == DebugThrow::kNone) return;
+  throw std::runtime_error(std::string("a fault injected by FLASHCOMM_DEBUG_THROW=") +
+                           (at == DebugThrow::kGemm ? "gemm" : "sum"));
+}
+
+DebugThrow debug_throw(const Group& g) { return g.state().shm.debug_throw; }
 
 Transport& Group::transport() const {
   TORCH_INTERNAL_ASSERT(state_->transport, "flashcomm: group '", name_, "' is not ready");
@@ -181,9 +201,9 @@ std::vector<core::Setting> group_settings(const GroupState& st,
   settings.push_back({std::string("transport request (") + transport_kind_name(st.requested) +
                           "; 0 auto, 1 c10d, 2 shm)",
                       static_cast<int64_t>(st.requested)});
-  settings.push_back({"shared-memory budget FLASHCOMM_SHM_BYTES", st.shm_bytes});
+  settings.push_back({"shared-memory budget FLASHCOMM_SHM_BYTES", st.shm.bytes});
   settings.push_back({"two-shot all-reduce size FLASHCOMM_SHM_TWO_SHOT_BYTES",
-                      st.shm_two_shot_bytes});
+                      st.shm.two_shot_bytes});
   settings.push_back({"FLASHCOMM_DEBUG_CHECK", st.debug_check ? 1 : 0});
   settings.insert(settings.end(), call_settings.begin(), call_settings.end());
   return settings;
@@ -219,8 +239,7 @@ void setup(const Group& g, const char* op, const at::Device& device,
     c10d_options.debug_check = st.debug_check;
     std::unique_ptr<Transport> chosen;
     if (st.requested != TransportKind::kC10d && g.collective()) {
-      chosen = try_make_shm_transport(g, device, st.requested == TransportKind::kShm,
-                                      st.shm_bytes, st.shm_two_shot_bytes, st.shm_overlap);
+      chosen = try_make_shm_transport(g, device, st.requested == TransportKind::kShm, st.shm);
     }
     st.transport = chosen ? std::move(chosen)
                           : make_c10d_transport(g.process_group_ptr(), g.name(), c10d_options);

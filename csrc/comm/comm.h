@@ -28,6 +28,14 @@ TransportKind parse_transport_kind(const std::string& text, const char* what);
 
 struct GroupState;  // per c10d group name: transport, agreement, provider (comm.cpp)
 
+// FLASHCOMM_DEBUG_THROW (test-only fault injection, read at a group's first use): `gemm`
+// throws a C++ exception from the GEMM of every fused reduction step, `sum` from every sum of
+// a shared-memory reduction. Unset or empty: none; anything else is an error naming it.
+enum class DebugThrow : int { kNone = 0, kGemm = 1, kSum = 2 };
+DebugThrow debug_throw_from_env();
+// Throws std::runtime_error("... injected by FLASHCOMM_DEBUG_THROW=<at>") when configured == at.
+void debug_throw_if(DebugThrow configured, DebugThrow at);
+
 // A group as one op call sees it. Resolving it once per call hands every level
 // below the same {process group, name, size, rank} instead of re-deriving them.
 class Group {
@@ -54,6 +62,9 @@ class Group {
   bool collective_ = false;
   std::shared_ptr<GroupState> state_;
 };
+
+// The group's FLASHCOMM_DEBUG_THROW.
+DebugThrow debug_throw(const Group& g);
 
 // The group registered with c10d under `group_name` (Python: `pg.group_name`).
 // Throws, naming `op` and the name, when no such group exists.

@@ -3,9 +3,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Logging.h>
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
@@ -33,25 +35,49 @@ namespace flashcomm::comm {
 
 namespace shm = core::shm;
 
-int64_t shm_bytes_from_env() {
-  const char* v = std::getenv("FLASHCOMM_SHM_BYTES");
-  if (v == nullptr || v[0] == '\0') return kDefaultShmBytes;
+namespace {
+
+// The integer value of environment variable `name`, `fallback` when unset or empty; anything
+// but a decimal integer in [lo, hi] is an error naming the variable and `expected`.
+int64_t int_from_env(const char* name, int64_t fallback, int64_t lo, int64_t hi,
+                     const char* expected) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
   char* end = nullptr;
-  const long long bytes = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && bytes >= (int64_t{64} << 10),
-              "FLASHCOMM_SHM_BYTES must be an integer number of bytes >= 65536, got '", v, "'");
-  return bytes;
+  errno = 0;
+  const long long value = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && errno == 0 && value >= lo && value <= hi, name,
+              " must be ", expected, " (an integer in [", lo, ", ", hi, "]), got '", v, "'");
+  return value;
+}
+
+}  // namespace
+
+int64_t shm_bytes_from_env() {
+  // Two slots of at most shm::kMaxSlotBytes each.
+  return int_from_env("FLASHCOMM_SHM_BYTES", kDefaultShmBytes, int64_t{64} << 10,
+                      2 * static_cast<int64_t>(shm::kMaxSlotBytes), "a number of bytes");
 }
 
 int64_t shm_two_shot_bytes_from_env() {
-  const char* v = std::getenv("FLASHCOMM_SHM_TWO_SHOT_BYTES");
-  if (v == nullptr || v[0] == '\0') return -1;
-  char* end = nullptr;
-  const long long bytes = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && bytes >= -1,
-              "FLASHCOMM_SHM_TWO_SHOT_BYTES must be -1 (by group size), 0 (always) or a number "
-              "of bytes, got '", v, "'");
-  return bytes;
+  return int_from_env("FLASHCOMM_SHM_TWO_SHOT_BYTES", -1, -1,
+                      std::numeric_limits<int64_t>::max(),
+                      "-1 (by group size), 0 (always) or a number of bytes");
+}
+
+int64_t shm_yield_us_from_env() {
+  return int_from_env("FLASHCOMM_SHM_YIELD_US", kDefaultYieldUs, 0, 60'000'000,
+                      "a number of microseconds (0: sleep at once)");
+}
+
+ShmSettings ShmSettings::from_env() {
+  ShmSettings s;
+  s.bytes = shm_bytes_from_env();
+  s.two_shot_bytes = shm_two_shot_bytes_from_env();
+  s.overlap = shm_overlap_from_env();
+  s.yield_us = shm_yield_us_from_env();
+  s.debug_throw = debug_throw_from_env();
+  return s;
 }
 
 ShmOverlap shm_overlap_from_env() {
@@ -129,15 +155,14 @@ int64_t part_begin(int64_t count, int64_t elem, int64_t tp, int64_t d) {
 // carries that to the helper, so it reads complete slots; the caller learns of completion
 // under the same mutex before its finish() (release store of `finished`), so a peer reuses
 // its slot only after the helper is done reading it.
+//
+// Never destroyed in a forked child (ShmTransport leaks it there): the child has no such
+// thread to join, and its copy of the condition variables still counts the parent's waiter,
+// so destroying them would block forever.
 class ReduceHelper {
  public:
-  ReduceHelper() : owner_(getpid()), thread_([this] { run(); }) {}
+  ReduceHelper() : thread_([this] { run(); }) {}
   ~ReduceHelper() {
-    if (getpid() != owner_) {
-      // A forked child inherits this object but not the thread: nothing to join.
-      thread_.detach();
-      return;
-    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -202,7 +227,6 @@ class ReduceHelper {
   uint64_t submitted_ = 0, completed_ = 0, failed_ticket_ = 0;
   std::exception_ptr failure_;
   bool stop_ = false;
-  pid_t owner_;         // the process whose thread this is
   std::thread thread_;  // last: starts after the members it uses exist
 };
 
@@ -232,29 +256,49 @@ class ShmTransport final : public Transport {
   // `sharing_ranks`: how many ranks those are (this one included).
   ShmTransport(std::unique_ptr<shm::Channel> channel, std::string group_name,
                std::unique_ptr<Transport> fallback, int64_t two_shot_bytes, ShmOverlap overlap,
-               int64_t shared_cpus, int64_t sharing_ranks)
+               DebugThrow debug_throw, int64_t shared_cpus, int64_t sharing_ranks)
       : channel_(std::move(channel)),
         name_(std::move(group_name)),
         fallback_(std::move(fallback)),
         two_shot_bytes_(two_shot_bytes),
         overlap_(overlap),
+        debug_throw_(debug_throw),
         shared_cpus_(shared_cpus),
         sharing_ranks_(sharing_ranks) {}
+
+  // In a forked child (e.g. one that ends with sys.exit()), the helper is left alone (see
+  // ReduceHelper) and the channel only unmaps.
+  ~ShmTransport() override {
+    if (channel_->foreign()) (void)helper_.release();
+  }
+
+  void abort(const std::string& why) noexcept override { channel_->abort(why); }
+  // A step of `call` destroyed before this rank finished it (an exception on the way).
+  void abandoned(const CallInfo& call, const shm::Channel::Step& step) noexcept {
+    try {
+      abort(std::string(call.op) + " failed on rank " + std::to_string(rank()) +
+            " and left step " + std::to_string(step.seq) + " unfinished");
+    } catch (...) {
+      abort("a step was left unfinished");  // no memory for the message
+    }
+  }
 
   const char* name() const override { return "shm"; }
   int max_in_flight() const override { return 2; }
   int64_t step_capacity() const override { return static_cast<int64_t>(channel_->slot_bytes()); }
 
   int64_t size() const { return channel_->size(); }
+  DebugThrow debug_throw() const { return debug_throw_; }
   int64_t rank() const { return channel_->rank(); }
   shm::Channel& channel() { return *channel_; }
   uint64_t next_call() { return ++calls_; }
 
-  // Runs `fn`; a protocol failure becomes an error naming the op and the group.
+  // Runs `fn`; any failure aborts the channel (abort_on_error), and a protocol failure becomes
+  // an error naming the op and the group.
   template <typename Fn>
   auto guard(const CallInfo& call, Fn&& fn) -> decltype(fn()) {
     try {
-      return fn();
+      return abort_on_error(*this, call.op, rank(), fn);
     } catch (const shm::ShmError& e) {
       fail_collective(call.op, name_, size(), rank(), " on the shared-memory transport", e);
     }
@@ -321,6 +365,7 @@ class ShmTransport final : public Transport {
   // `dst`, in rank order on every rank (so replicated results are bitwise equal).
   void reduce_slots(const shm::Channel::Step& step, int64_t offset, int64_t count,
                     c10::ScalarType dtype, void* dst) {
+    debug_throw_if(debug_throw_, DebugThrow::kSum);
     std::vector<const void*> srcs(size());
     for (int64_t d = 0; d < size(); ++d) srcs[d] = slot(d, step) + offset;
     if (kernels::sum_supports(dtype)) {
@@ -365,6 +410,7 @@ class ShmTransport final : public Transport {
   std::unique_ptr<Transport> fallback_;  // tensors that are not on the CPU
   int64_t two_shot_bytes_;               // two_shot_threshold(): agreed, rank-invariant
   ShmOverlap overlap_;
+  DebugThrow debug_throw_;
   int64_t shared_cpus_, sharing_ranks_;  // see the constructor
   uint64_t calls_ = 0;                   // collectives issued (fingerprints)
   std::unique_ptr<ReduceHelper> helper_;  // started at the first overlapped step
@@ -377,7 +423,10 @@ class ShmTransport final : public Transport {
 // sums this rank's rows of every slot into `out`.
 class ShmReduceStep final : public ReduceStep {
  public:
-  ShmReduceStep(ShmTransport& t, at::Tensor out, const CallInfo& call, int piece, bool scatter)
+  // `fp`: the fingerprint of the collective this step is `piece` of; by default a collective
+  // of its own (a fused step).
+  ShmReduceStep(ShmTransport& t, at::Tensor out, const CallInfo& call, int piece, bool scatter,
+                const Fingerprint* fp = nullptr)
       : t_(t), out_(std::move(out)), call_(call), scatter_(scatter) {
     TORCH_INTERNAL_ASSERT(out_.is_contiguous() && out_.dim() == 2);
     const int64_t lanes = scatter_ ? t_.size() : 1;
@@ -386,7 +435,8 @@ class ShmReduceStep final : public ReduceStep {
                 " bytes exceeds the shared-memory slot of ", t_.step_capacity(), " bytes");
     const Collective kind = scatter_ ? Collective::kReduceScatter : Collective::kAllReduce;
     two_shot_ = !scatter_ && t_.two_shot(bytes);
-    fp_ = make_fingerprint(kind, out_.scalar_type(), bytes, call, t_.next_call());
+    fp_ = fp != nullptr ? *fp
+                        : make_fingerprint(kind, out_.scalar_type(), bytes, call, t_.next_call());
     piece_ = piece;
     step_ = t_.begin(fp_, piece, call_, two_shot_ ? kScatterPhase : kOneShot);
   }
@@ -405,6 +455,9 @@ class ShmReduceStep final : public ReduceStep {
       } catch (...) {
       }
     }
+    // Abandoned unfinished: the peers wait for this rank's step, so the channel is aborted (a
+    // caller that saw the cause has aborted it with the cause already; the first reason stays).
+    if (!done_) t_.abandoned(call_, step_);
   }
 
   void start() override {
@@ -412,6 +465,7 @@ class ShmReduceStep final : public ReduceStep {
     if (two_shot_) {
       t_.finish_two_shot(step_, fp_, piece_, out_.numel(), out_.scalar_type(),
                          static_cast<uint8_t*>(out_.data_ptr()), call_);
+      done_ = true;
       stats.record(core::TransportPath::kAllReduceTwoShot);
       return;
     }
@@ -428,7 +482,9 @@ class ShmReduceStep final : public ReduceStep {
         std::vector<const void*> srcs(t_.size());
         for (int64_t d = 0; d < t_.size(); ++d) srcs[d] = t_.slot(d, step_) + offset;
         ticket_ = t_.helper().submit([srcs = std::move(srcs), out = out_.data_ptr(),
-                                      count = out_.numel(), dtype = out_.scalar_type()] {
+                                      count = out_.numel(), dtype = out_.scalar_type(),
+                                      inject = t_.debug_throw()] {
+          debug_throw_if(inject, DebugThrow::kSum);
           kernels::sum_kernel.get()(out, srcs.data(), static_cast<int>(srcs.size()), count,
                                     dtype, /*parallel=*/false);
         });
@@ -437,6 +493,7 @@ class ShmReduceStep final : public ReduceStep {
       }
       t_.reduce_slots(step_, offset, out_.numel(), out_.scalar_type(), out_.data_ptr());
       t_.channel().finish(step_);
+      done_ = true;
       if (scatter_) stats.record(core::TransportPath::kReduceInline);
     });
   }
@@ -444,14 +501,12 @@ class ShmReduceStep final : public ReduceStep {
   void wait() override {
     if (ticket_ == 0) return;
     const uint64_t ticket = std::exchange(ticket_, 0);
-    try {
+    // A failed sum aborts the channel here: the peers wait for this rank's finish().
+    t_.guard(call_, [&] {
       t_.helper().wait(ticket);
-    } catch (const std::exception& e) {
-      // The peers wait for this rank's finish(): tell them instead of letting them time out.
-      t_.channel().abort(std::string(call_.op) + ": the overlapped reduction failed: " + e.what());
-      throw;
-    }
-    t_.guard(call_, [&] { t_.channel().finish(step_); });
+      t_.channel().finish(step_);
+      done_ = true;
+    });
   }
 
  private:
@@ -464,6 +519,7 @@ class ShmReduceStep final : public ReduceStep {
   int piece_ = 0;
   shm::Channel::Step step_;
   uint64_t ticket_ = 0;  // the helper's task summing this step, 0 when none is pending
+  bool done_ = false;    // this rank finished the step
 };
 
 // One all-gather chunk: each rank's rows in its own slot; the consumer reads the
@@ -489,8 +545,10 @@ class ShmGatherStep final : public GatherStep {
   }
 
   void start(const at::Tensor* rows) override {
-    if (rows != nullptr) send_buffer().copy_(*rows);
-    t_.guard(call_, [&] { t_.channel().publish(step_); });
+    t_.guard(call_, [&] {
+      if (rows != nullptr) send_buffer().copy_(*rows);
+      t_.channel().publish(step_);
+    });
   }
 
   at::Tensor block(int64_t d) override {
@@ -506,6 +564,11 @@ class ShmGatherStep final : public GatherStep {
       t_.channel().wait_all(step_);  // a rank that read no block still pairs the step
       t_.channel().finish(step_);
     });
+    done_ = true;
+  }
+
+  ~ShmGatherStep() override {
+    if (!done_) t_.abandoned(call_, step_);  // as ~ShmReduceStep
   }
 
  private:
@@ -515,6 +578,7 @@ class ShmGatherStep final : public GatherStep {
   CallInfo call_;
   shm::Channel::Step step_;
   std::vector<bool> ready_;
+  bool done_ = false;  // this rank finished the step
 };
 
 std::unique_ptr<ReduceStep> ShmTransport::reduce_scatter_step(at::Tensor out,
@@ -560,15 +624,18 @@ void ShmTransport::all_reduce(at::Tensor& t, const CallInfo& call) {
   if (!t.device().is_cpu()) return fallback_->all_reduce(t, call);
   TORCH_INTERNAL_ASSERT(t.is_contiguous());
   // The fused steps' protocol (one-shot or two-shot by size) on pieces that fit a slot,
-  // each copied into this rank's slot and summed back into t.
+  // each copied into this rank's slot and summed back into t. Every piece carries the
+  // fingerprint of the whole collective (total bytes, one call number), so ranks with
+  // different sizes differ at the first piece, not only once one runs out of pieces.
   at::Tensor flat = t.view({-1});
+  const Fingerprint fp = make_fingerprint(Collective::kAllReduce, t, call, next_call());
   const int64_t per_piece = piece_elems(1, t.element_size());
   int piece = 0;
   for (int64_t off = 0; off < flat.numel(); off += per_piece) {
     const int64_t count = std::min(per_piece, flat.numel() - off);
     at::Tensor rows = flat.narrow(0, off, count).view({1, count});
-    ShmReduceStep step(*this, rows, call, piece++, /*scatter=*/false);
-    step.send_buffer().copy_(rows);
+    ShmReduceStep step(*this, rows, call, piece++, /*scatter=*/false, &fp);
+    guard(call, [&] { step.send_buffer().copy_(rows); });
     step.start();
     step.wait();
   }
@@ -616,16 +683,6 @@ void ShmTransport::all_gather(at::Tensor& out, const at::Tensor& in, const CallI
 
 // --- set-up ---------------------------------------------------------------------------------
 
-int64_t env_microseconds(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return fallback;
-  char* end = nullptr;
-  const long long us = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && us >= 0, name,
-              " must be a non-negative integer number of microseconds, got '", v, "'");
-  return us;
-}
-
 // Identifies the kernel this process runs on (ranks on one host share it, also
 // across containers), falling back to the host name.
 int64_t host_identity() {
@@ -637,9 +694,13 @@ int64_t host_identity() {
   return core::stable_hash(std::string("host:") + host);
 }
 
-std::string channel_name(uint64_t nonce, const std::string& group_name) {
+// Every segment of this transport is named "<kSegmentPrefix>...".
+constexpr const char* kSegmentPrefix = "fc-";
+
+// The same on every rank; each rank's segment name adds its rank and a random suffix.
+std::string channel_name(const std::string& group_name) {
   std::ostringstream s;
-  s << "fc-" << std::hex << nonce << "-g";
+  s << kSegmentPrefix << "g";
   for (char c : group_name.substr(0, 64)) {
     s << ((std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-') ? c
                                                                                              : '_');
@@ -668,8 +729,7 @@ int64_t first_failure(const Group& g, bool ok, const char* op) {
 }  // namespace
 
 std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Device& device,
-                                                  bool required, int64_t shm_bytes,
-                                                  int64_t two_shot_bytes, ShmOverlap overlap) {
+                                                  bool required, const ShmSettings& settings) {
   constexpr const char* kOp = "flashcomm transport set-up";
   auto refuse = [&](const std::string& why) -> std::unique_ptr<Transport> {
     TORCH_CHECK(!required, "flashcomm: the shared-memory transport was requested for group '",
@@ -686,31 +746,39 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
     return refuse("it has " + std::to_string(g.size()) + " ranks (at most " +
                   std::to_string(shm::kMaxRanks) + ")");
   }
-  // Same host? And a nonce from rank 0 for the segment names.
-  std::random_device rd;
-  const uint64_t nonce = (static_cast<uint64_t>(rd()) << 32 ^ rd() ^ getpid()) & 0x7fffffffffffffff;
-  const std::vector<int64_t> ids = exchange_over_process_group(
-      g, at::tensor({host_identity(), static_cast<int64_t>(nonce)}), kOp);
+  // Same host?
+  const std::vector<int64_t> ids =
+      exchange_over_process_group(g, at::tensor({host_identity()}), kOp);
   for (int64_t r = 1; r < g.size(); ++r) {
-    if (ids[2 * r] != ids[0]) {
+    if (ids[r] != ids[0]) {
       return refuse("its ranks run on different hosts (rank " + std::to_string(r) +
                     " is not on rank 0's host)");
     }
   }
+  // Segments of ranks killed during an earlier set-up (between create and unlink) would stay
+  // until reboot: remove those whose creator is provably dead.
+  if (g.rank() == 0) {
+    const std::vector<std::string> removed = shm::reclaim_dead_segments(kSegmentPrefix);
+    if (!removed.empty()) {
+      std::string names;
+      for (const std::string& name : removed) names += (names.empty() ? "" : ", ") + name;
+      LOG(WARNING) << "flashcomm: removed " << removed.size()
+                   << " shared-memory segment(s) left by dead processes: " << names;
+    }
+  }
   shm::ChannelOptions options;
-  options.name = channel_name(static_cast<uint64_t>(ids[1]), g.name());
+  options.name = channel_name(g.name());
   options.rank = static_cast<int>(g.rank());
   options.size = static_cast<int>(g.size());
-  options.slot_bytes = static_cast<size_t>(shm_bytes / 2);
+  options.slot_bytes = static_cast<size_t>(settings.bytes / 2);
   options.timeout = group_timeout(g);
   options.label = "group '" + g.name() + "'";
   options.describe = describe_shm;
   // A waiting rank spins briefly, then yields, then sleeps. Yielding returns at once
   // when nothing else wants the core, so on ranks with a core each (as serving engines
   // bind them) it reacts like a spin; sleeping adds a timer's latency to the step.
-  // Decode steps see peers a few hundred µs late, hence a long yield phase
-  // (FLASHCOMM_SHM_YIELD_US, default 5000) before any sleep.
-  options.wait.yield = std::chrono::microseconds(env_microseconds("FLASHCOMM_SHM_YIELD_US", 5000));
+  options.wait.yield = std::chrono::microseconds(settings.yield_us);
+  options.wait.spin = std::min(options.wait.spin, options.wait.yield);
 
   std::unique_ptr<shm::Channel> channel;
   std::string why;
@@ -720,6 +788,11 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
     channel = shm::Channel::create(options);
   } catch (const shm::ShmError& e) {
     why = e.what();
+  }
+  // Test-only hook: this rank dies (SIGKILL) holding a segment that is not unlinked yet.
+  if (const char* die = std::getenv("FLASHCOMM_DEBUG_SHM_DIE_AFTER_CREATE");
+      channel != nullptr && die != nullptr && die[0] == '1') {
+    ::raise(SIGKILL);
   }
   const std::vector<int64_t> tokens = exchange_over_process_group(
       g, at::tensor({static_cast<int64_t>(channel != nullptr),
@@ -744,9 +817,9 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
                           "cannot map the peers' segments (simulated by "
                           "FLASHCOMM_DEBUG_SHM_UNMAPPABLE=1)");
     }
-    channel->map_peers();
     std::vector<uint64_t> instance(g.size());
     for (int64_t r = 0; r < g.size(); ++r) instance[r] = static_cast<uint64_t>(tokens[2 * r + 1]);
+    channel->map_peers(instance);
     ok = channel->probe(instance);
     if (!ok) why = "a peer's segment did not hold the token that peer wrote";
   } catch (const shm::ShmError& e) {
@@ -777,9 +850,10 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
   }
   int64_t shared_cpus = 0;
   for (uint64_t w : shared) shared_cpus += __builtin_popcountll(w);
-  return std::make_unique<ShmTransport>(std::move(channel), g.name(), std::move(fallback),
-                                        two_shot_threshold(two_shot_bytes, g.size()), overlap,
-                                        shared_cpus, sharing_ranks);
+  return std::make_unique<ShmTransport>(
+      std::move(channel), g.name(), std::move(fallback),
+      two_shot_threshold(settings.two_shot_bytes, g.size()), settings.overlap,
+      settings.debug_throw, shared_cpus, sharing_ranks);
 }
 
 }  // namespace flashcomm::comm

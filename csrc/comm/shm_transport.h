@@ -18,7 +18,7 @@ namespace flashcomm::comm {
 inline constexpr int64_t kDefaultShmBytes = int64_t{2} << 20;
 
 // FLASHCOMM_SHM_BYTES, else kDefaultShmBytes (an error names the variable when
-// it is not a positive integer of at least 64 KiB).
+// it is not an integer in [64 KiB, 2 TiB]).
 int64_t shm_bytes_from_env();
 
 // All-reduces (plain and fused steps) of at least this many bytes per rank run two-shot
@@ -44,13 +44,31 @@ enum class ShmOverlap : int { kAuto = 0, kOn = 1, kOff = 2 };
 // FLASHCOMM_SHM_OVERLAP = auto (unset) | on | off; an error names the variable otherwise.
 ShmOverlap shm_overlap_from_env();
 
+// How long a waiting rank spins and yields before it sleeps, in µs, when
+// FLASHCOMM_SHM_YIELD_US is unset. Decode steps see peers a few hundred µs late, hence a
+// yield phase long enough that a step rarely pays a timer's latency.
+inline constexpr int64_t kDefaultYieldUs = 5000;
+// FLASHCOMM_SHM_YIELD_US: an integer in [0, 60000000] (0: sleep at once); an error names the
+// variable otherwise.
+int64_t shm_yield_us_from_env();
+
+// This group's shared-memory settings, read from the environment at its first use (so a bad
+// value is an error then, in auto mode too, naming the variable).
+struct ShmSettings {
+  int64_t bytes = kDefaultShmBytes;           // FLASHCOMM_SHM_BYTES (agreed)
+  int64_t two_shot_bytes = -1;                // FLASHCOMM_SHM_TWO_SHOT_BYTES (agreed)
+  ShmOverlap overlap = ShmOverlap::kAuto;     // FLASHCOMM_SHM_OVERLAP (local)
+  int64_t yield_us = kDefaultYieldUs;         // FLASHCOMM_SHM_YIELD_US (local)
+  DebugThrow debug_throw = DebugThrow::kNone;  // FLASHCOMM_DEBUG_THROW (local, tests only)
+  static ShmSettings from_env();
+};
+
 // Collective over the group. The shared-memory transport when every rank is a CPU
 // process on this host whose segment every peer can map (proven by a token each
 // rank writes and every peer reads back), agreed through the ProcessGroup;
 // otherwise nullptr and one log line saying why -- or, when `required`, an error
 // saying why on every rank.
 std::unique_ptr<Transport> try_make_shm_transport(const Group& group, const at::Device& device,
-                                                  bool required, int64_t shm_bytes,
-                                                  int64_t two_shot_bytes, ShmOverlap overlap);
+                                                  bool required, const ShmSettings& settings);
 
 }  // namespace flashcomm::comm

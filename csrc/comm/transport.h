@@ -114,6 +114,32 @@ class Transport {
   virtual std::unique_ptr<GatherStep> all_gather_step(int64_t block_rows, int64_t cols,
                                                       const at::TensorOptions& options,
                                                       const CallInfo& call, int piece) = 0;
+
+  // This rank failed inside a collective and will not finish it: peers that wait on it fail
+  // fast, quoting `why` (shm), instead of running into the group timeout; later collectives
+  // of this rank fail too. c10d: nothing (a failed c10d collective already ends the work).
+  virtual void abort(const std::string& why) noexcept { (void)why; }
 };
+
+// An exception's message for other ranks to read: without c10's backtrace.
+std::string error_text(const std::exception& e);
+
+// Runs `fn`, a part of a collective (a step's GEMM, a sum, the protocol itself). Any exception,
+// whatever its type, first aborts `transport` with "<op> failed on rank R: <message>" (every
+// failure inside a step must reach the peers), then propagates unchanged.
+template <typename Fn>
+decltype(auto) abort_on_error(Transport& transport, const char* op, int64_t rank, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    transport.abort(std::string(op) + " failed on rank " + std::to_string(rank) + ": " +
+                    error_text(e));
+    throw;
+  } catch (...) {
+    transport.abort(std::string(op) + " failed on rank " + std::to_string(rank) +
+                    " (an exception of unknown type)");
+    throw;
+  }
+}
 
 }  // namespace flashcomm::comm

@@ -88,6 +88,14 @@ Window<Step, Complete> make_window(int window, Complete complete) {
   return Window<Step, Complete>(window, std::move(complete));
 }
 
+// Runs `fn`, the caller's part of a step (its GEMM, its copy), while the step is begun and
+// unfinished: a failure aborts the group's transport with its cause before the step goes, so
+// the peers fail fast quoting it.
+template <typename Fn>
+void in_step(const comm::Group& group, const comm::CallInfo& call, Fn&& fn) {
+  comm::abort_on_error(group.transport(), call.op, group.rank(), std::forward<Fn>(fn));
+}
+
 }  // namespace
 
 void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
@@ -117,23 +125,26 @@ void gemm_reduce_scatter(const comm::Group& group, core::Strategy strategy,
     // The send buffer holds block rows [lo, hi) of every rank block d at rows
     // [d*len, d*len + len); the step delivers their sum over ranks for block r
     // to out rows [lo, hi) on rank r. Padding rows (global row >= n) are zero.
-    at::Tensor send = step->send_buffer();
-    if (len == c) {
-      // The whole block: the send layout is the global row order.
-      at::Tensor valid = send.narrow(0, 0, n);
-      gemm(0, n, valid);
-      if (tp * c > n) send.narrow(0, n, tp * c - n).zero_();
-    } else {
-      for (int64_t d = 0; d < tp; ++d) {
-        const int64_t rows =
-            core::valid_rows_in_block(n, tp, d, step_rows.begin, step_rows.end);
-        if (rows > 0) {
-          at::Tensor dst = send.narrow(0, d * len, rows);
-          gemm(d * c + step_rows.begin, rows, dst);
+    in_step(group, call, [&] {
+      comm::debug_throw_if(comm::debug_throw(group), comm::DebugThrow::kGemm);
+      at::Tensor send = step->send_buffer();
+      if (len == c) {
+        // The whole block: the send layout is the global row order.
+        at::Tensor valid = send.narrow(0, 0, n);
+        gemm(0, n, valid);
+        if (tp * c > n) send.narrow(0, n, tp * c - n).zero_();
+      } else {
+        for (int64_t d = 0; d < tp; ++d) {
+          const int64_t rows =
+              core::valid_rows_in_block(n, tp, d, step_rows.begin, step_rows.end);
+          if (rows > 0) {
+            at::Tensor dst = send.narrow(0, d * len, rows);
+            gemm(d * c + step_rows.begin, rows, dst);
+          }
+          if (rows < len) send.narrow(0, d * len + rows, len - rows).zero_();
         }
-        if (rows < len) send.narrow(0, d * len + rows, len - rows).zero_();
       }
-    }
+    });
     step->start();
     window.push(std::move(step));
   }
@@ -160,8 +171,11 @@ void gemm_all_reduce(const comm::Group& group, const RowLinear& linear, at::Tens
   for (const RowRange& rows : steps) {
     auto step = group.transport().all_reduce_step(row_range(out, rows.begin, rows.size()), call,
                                                   piece++);
-    at::Tensor send = step->send_buffer();
-    linear.gemm(rows.begin, rows.size(), send);
+    in_step(group, call, [&] {
+      comm::debug_throw_if(comm::debug_throw(group), comm::DebugThrow::kGemm);
+      at::Tensor send = step->send_buffer();
+      linear.gemm(rows.begin, rows.size(), send);
+    });
     step->start();
     window.push(std::move(step));
   }
@@ -193,17 +207,19 @@ at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, in
   auto window = make_window<Pending>(group.transport().max_in_flight(), [&](Pending& p) {
     comm::GatherStep& step = *p.first;
     const RowRange r = p.second;
-    at::Tensor all = r.size() == c ? step.gathered() : at::Tensor();
-    if (all.defined()) {
-      gemm(all.narrow(0, 0, n), out);  // whole blocks, contiguous: global row order
-    } else {
-      for (int64_t d = 0; d < tp; ++d) {
-        const int64_t rows = core::valid_rows_in_block(n, tp, d, r.begin, r.end);
-        if (rows == 0) continue;
-        at::Tensor dst = out.narrow(0, d * c + r.begin, rows);
-        gemm(step.block(d).narrow(0, 0, rows), dst);
+    in_step(group, call, [&] {
+      at::Tensor all = r.size() == c ? step.gathered() : at::Tensor();
+      if (all.defined()) {
+        gemm(all.narrow(0, 0, n), out);  // whole blocks, contiguous: global row order
+      } else {
+        for (int64_t d = 0; d < tp; ++d) {
+          const int64_t rows = core::valid_rows_in_block(n, tp, d, r.begin, r.end);
+          if (rows == 0) continue;
+          at::Tensor dst = out.narrow(0, d * c + r.begin, rows);
+          gemm(step.block(d).narrow(0, 0, rows), dst);
+        }
       }
-    }
+    });
     step.finish();
   });
   int piece = 0;
@@ -215,8 +231,10 @@ at::Tensor all_gather_gemm(const comm::Group& group, core::Strategy strategy, in
     if (rows.defined() && rows.is_contiguous()) {
       step->start(&rows);
     } else {
-      at::Tensor buf = step->send_buffer();
-      linear.write_payload(r.begin, r.size(), buf);
+      in_step(group, call, [&] {
+        at::Tensor buf = step->send_buffer();
+        linear.write_payload(r.begin, r.size(), buf);
+      });
       step->start();
     }
     window.push(Pending(std::move(step), r));

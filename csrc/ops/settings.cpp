@@ -107,6 +107,18 @@ void set_capturing_for_testing_op(bool capturing) {
   comm::set_capturing_for_testing(capturing);
 }
 
+void all_reduce_for_testing_op(const at::Tensor& t, const std::string& group_name) {
+  constexpr const char* kOp = "_all_reduce_for_testing";
+  TORCH_CHECK(t.is_contiguous(), kOp, ": t must be contiguous");
+  const comm::Group g = comm::resolve(group_name, kOp);
+  comm::ensure_ready(g, kOp, t.device(), {});
+  if (!g.collective()) return;
+  at::Tensor inout = t;
+  comm::CallInfo call;
+  call.op = kOp;
+  g.transport().all_reduce(inout, call);
+}
+
 std::string version_op() { return kVersion; }
 
 std::string cpu_features_op() {

@@ -11,11 +11,13 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -157,8 +159,18 @@ struct RankContext {
   const PipeBarrier* barrier = nullptr;
   int signal_fd = -1;   // write end: one byte tells the parent "now"
   int release_fd = -1;  // read end: EOF once the parent releases lingering ranks
+  uint64_t* board = nullptr;  // kMaxRanks words shared by the ranks (MAP_SHARED, anonymous)
 
   void sync() const { barrier->wait(rank); }
+  // Every rank's `mine`, by rank (what a c10d all-gather does for the real transport).
+  std::vector<uint64_t> all_gather(uint64_t mine) const {
+    __atomic_store_n(&board[rank], mine, __ATOMIC_RELAXED);
+    sync();
+    std::vector<uint64_t> all(size);
+    for (int r = 0; r < size; ++r) all[r] = __atomic_load_n(&board[r], __ATOMIC_RELAXED);
+    sync();  // nobody overwrites the board before everyone has read it
+    return all;
+  }
   void signal_parent() const { write_byte(signal_fd); }
   // Blocks until the parent closes the release pipe (every other rank has exited).
   void wait_release() const {
@@ -189,6 +201,9 @@ Launch ranks(int size) {
 std::vector<int> run_ranks(const std::string& prefix, const Launch& launch,
                            const std::function<void(RankContext&)>& body) {
   PipeBarrier barrier(launch.size);
+  void* board = ::mmap(nullptr, kMaxRanks * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (board == MAP_FAILED) throw std::runtime_error("mmap");
   int signal[2], release[2];
   if (::pipe(signal) != 0 || ::pipe(release) != 0) throw std::runtime_error("pipe");
   std::fflush(stdout);
@@ -200,7 +215,8 @@ std::vector<int> run_ranks(const std::string& prefix, const Launch& launch,
     if (pid == 0) {
       ::close(signal[0]);
       ::close(release[1]);
-      RankContext ctx{r, launch.size, prefix, &barrier, signal[1], release[0]};
+      RankContext ctx{r, launch.size, prefix, &barrier, signal[1], release[0],
+                      static_cast<uint64_t*>(board)};
       int status = 0;
       try {
         body(ctx);
@@ -257,6 +273,7 @@ std::vector<int> run_ranks(const std::string& prefix, const Launch& launch,
     ::usleep(1000);
   }
   if (!released) ::close(release[1]);
+  ::munmap(board, kMaxRanks * sizeof(uint64_t));
   return statuses;
 }
 
@@ -289,12 +306,13 @@ ChannelOptions options_for(const RankContext& ctx, const std::string& tag, size_
   return o;
 }
 
-// The setup sequence of channel.h: create -> barrier -> map_peers -> barrier -> unlink_own.
+// The setup sequence of channel.h: create -> all-gather the instance tokens -> map_peers ->
+// barrier -> unlink_own.
 std::unique_ptr<Channel> setup(const RankContext& ctx, const ChannelOptions& options) {
   auto channel = Channel::create(options);
-  ctx.sync();
-  channel->map_peers();
-  require(channel->probe(), "probe() is false after map_peers()");
+  const std::vector<uint64_t> tokens = ctx.all_gather(channel->instance_token());
+  channel->map_peers(tokens);
+  require(channel->probe(tokens), "probe(tokens) is false after map_peers()");
   ctx.sync();
   channel->unlink_own();
   return channel;
@@ -397,6 +415,16 @@ void exchange(Channel& ch, int steps, int tag, uint64_t seed, bool overlap) {
     ch.finish(old);
   }
   require(ch.finished() == static_cast<uint64_t>(steps), "not every step finished");
+}
+
+// One step of collective `call`: write, publish, wait for every peer, check every buffer.
+void exchange_one(Channel& ch, uint64_t call, int tag) {
+  const Channel::Step step = ch.begin(fp_of(call));
+  fill(ch.slot(ch.rank(), step), ch.slot_bytes(), tag, ch.rank(), step.seq);
+  ch.publish(step);
+  ch.wait_all(step);
+  check_all(ch, step, tag);
+  ch.finish(step);
 }
 
 class ShmRanks : public ::testing::TestWithParam<int> {
@@ -532,7 +560,8 @@ TEST(ShmChannelSetup, MapPeersChecksEveryPeer) {
     auto rank0 = Channel::create(local_options(prefix, 0, 2));
     EXPECT_FALSE(rank0->probe());  // not mapped yet
     // Rank 1 has not created its segment: kSetup about rank 1, nothing of rank 0 leaks.
-    const ShmError missing = expect_shm_error([&] { rank0->map_peers(); }, "missing peer");
+    const ShmError missing = expect_shm_error(
+        [&] { rank0->map_peers({rank0->instance_token(), 12345}); }, "missing peer");
     EXPECT_EQ(missing.kind(), Kind::kSetup);
     EXPECT_EQ(missing.peer(), 1);
     EXPECT_NE(std::string(missing.what()).find("rank 1"), std::string::npos) << missing.what();
@@ -544,14 +573,14 @@ TEST(ShmChannelSetup, MapPeersChecksEveryPeer) {
   {
     auto rank0 = Channel::create(local_options(prefix, 0, 2));
     auto rank1 = Channel::create(local_options(prefix, 1, 2));
-    rank0->map_peers();
-    rank1->map_peers();
-    rank0->map_peers();  // idempotent
-    EXPECT_TRUE(rank0->probe());
-    EXPECT_TRUE(rank1->probe());
     // The instance tokens a c10d all-gather would deliver.
     const std::vector<uint64_t> tokens = {rank0->instance_token(), rank1->instance_token()};
     EXPECT_NE(tokens[0], tokens[1]);
+    rank0->map_peers(tokens);
+    rank1->map_peers(tokens);
+    rank0->map_peers(tokens);  // idempotent
+    EXPECT_TRUE(rank0->probe());
+    EXPECT_TRUE(rank1->probe());
     EXPECT_TRUE(rank0->probe(tokens));
     EXPECT_TRUE(rank1->probe(tokens));
     EXPECT_FALSE(rank0->probe({tokens[0], tokens[1] + 1}));  // not the rank 1 that reported
@@ -566,7 +595,9 @@ TEST(ShmChannelSetup, MapPeersChecksEveryPeer) {
     // A peer created with another slot size: its segment size differs.
     auto rank0 = Channel::create(local_options(prefix, 0, 2, 256));
     auto rank1 = Channel::create(local_options(prefix, 1, 2, 8192));
-    const ShmError e = expect_shm_error([&] { rank0->map_peers(); }, "slot size");
+    const ShmError e = expect_shm_error(
+        [&] { rank0->map_peers({rank0->instance_token(), rank1->instance_token()}); },
+        "slot size");
     EXPECT_EQ(e.kind(), Kind::kSetup);
     EXPECT_EQ(e.peer(), 1);
     EXPECT_FALSE(rank0->probe());
@@ -575,11 +606,78 @@ TEST(ShmChannelSetup, MapPeersChecksEveryPeer) {
     // Same segment size, different group size: the header check refuses it.
     auto rank0 = Channel::create(local_options(prefix, 0, 2));
     auto rank1 = Channel::create(local_options(prefix, 1, 3));
-    const ShmError e = expect_shm_error([&] { rank0->map_peers(); }, "group size");
+    const ShmError e = expect_shm_error(
+        [&] { rank0->map_peers({rank0->instance_token(), rank1->instance_token()}); },
+        "group size");
     EXPECT_EQ(e.kind(), Kind::kSetup);
     EXPECT_NE(std::string(e.what()).find("size is 3, expected 2"), std::string::npos) << e.what();
   }
   expect_no_shm_left(prefix);  // destructors unlinked what was never unlinked explicitly
+}
+
+// Each rank's segment name ends in its own random instance token: the names another rank's
+// would predict ("/<name>-r<r>", what an earlier scheme used) can be claimed by anyone on the
+// host without blocking the set-up.
+TEST(ShmChannelSetup, SegmentNamesAreRandomPerRank) {
+  const std::string prefix = fresh_prefix();
+  const std::string base = "/" + local_options(prefix, 0, 2).name;
+  {
+    Segment claimed0 = Segment::create(base + "-r0", 4096);
+    Segment claimed1 = Segment::create(base + "-r1", 4096);
+    auto rank0 = Channel::create(local_options(prefix, 0, 2));
+    auto rank1 = Channel::create(local_options(prefix, 1, 2));
+    const std::vector<uint64_t> tokens = {rank0->instance_token(), rank1->instance_token()};
+    for (int r = 0; r < 2; ++r) {
+      char hex[17];
+      std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(tokens[r]));
+      const Channel& ch = r == 0 ? *rank0 : *rank1;
+      EXPECT_EQ(ch.segment_name(), base + "-r" + std::to_string(r) + "-" + hex);
+    }
+    rank0->map_peers(tokens);
+    rank1->map_peers(tokens);
+    EXPECT_TRUE(rank0->probe(tokens));
+    EXPECT_TRUE(rank1->probe(tokens));
+    auto again = Channel::create(local_options(prefix, 1, 2));
+    EXPECT_NE(again->segment_name(), rank1->segment_name());
+    Segment::unlink(base + "-r0");
+    Segment::unlink(base + "-r1");
+  }
+  expect_no_shm_left(prefix);
+}
+
+// A process killed between create() and unlink_own() leaves its segment; reclaiming removes it,
+// and only it: a live creator's segment and a file without a channel header stay.
+TEST(ShmReclaim, RemovesOnlySegmentsOfDeadCreators) {
+  const std::string prefix = fresh_prefix();
+  std::fflush(stderr);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    try {
+      auto ch = Channel::create(local_options(prefix + "-dead", 0, 2));
+      ::raise(SIGKILL);
+    } catch (...) {
+    }
+    ::_exit(1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "status " << status;
+  const std::vector<std::string> left = shm_entries(prefix);
+  ASSERT_EQ(left.size(), 1u) << "the killed creator left no segment";
+  {
+    auto live = Channel::create(local_options(prefix + "-live", 0, 2));
+    Segment junk = Segment::create("/" + prefix + "-junk", layout::kHeaderBytes + 2 * 4096);
+    EXPECT_EQ(reclaim_dead_segments(prefix), std::vector<std::string>{"/" + left[0]});
+    std::vector<std::string> kept = shm_entries(prefix);
+    std::sort(kept.begin(), kept.end());
+    ASSERT_EQ(kept.size(), 2u);
+    EXPECT_EQ("/" + kept[0], "/" + prefix + "-junk");
+    EXPECT_EQ("/" + kept[1], live->segment_name());
+    EXPECT_TRUE(reclaim_dead_segments(prefix).empty());  // nothing more to remove
+    Segment::unlink("/" + prefix + "-junk");
+  }
+  expect_no_shm_left(prefix);
 }
 
 TEST(ShmChannelSetup, SingleRankStepsAndUsageErrors) {
@@ -865,8 +963,7 @@ TEST_P(ShmRanks, ExceptionDuringSetupLeavesNothing) {
     if (ctx.rank == 0) {
       try {
         auto ch = Channel::create(options);
-        ctx.sync();
-        ch->map_peers();
+        ch->map_peers(ctx.all_gather(ch->instance_token()));
         ctx.sync();  // every rank has mapped every segment
         throw std::runtime_error("setup failed");
       } catch (const std::runtime_error& e) {
@@ -951,6 +1048,59 @@ TEST_P(ShmRanks, TwoChannelsDoNotInterfere) {
         ch->finish(step);
         random_delay(rng);
       }
+    }
+  });
+  expect_clean_exit(statuses);
+}
+
+// A rank forks after set-up; the child tries a step, aborts and destroys its copy of the
+// channel, as a child's exit() would. None of it reaches the shared memory: the child gets
+// kForked, and the parent's channel goes on with every peer.
+TEST_P(ShmRanks, ForkedChildNeverTouchesTheParentsChannel) {
+  const int tp = GetParam();
+  const auto statuses = run_ranks(prefix_, ranks(tp), [](RankContext& ctx) {
+    auto ch = setup(ctx, options_for(ctx, "fork", 64, kSafeTimeout));
+    exchange(*ch, 3, 12, ctx.rank, false);
+    if (ctx.rank == 0) {
+      std::fflush(stderr);
+      const pid_t child = ::fork();
+      require(child >= 0, "fork failed");
+      if (child == 0) {
+        int status = 0;
+        try {
+          require(ch->foreign(), "foreign() is false in the child");
+          const ShmError e = expect_shm_error([&] { ch->begin(fp_of(4)); }, "step in a child");
+          require_kind(e, Kind::kForked, "step in a child");
+          require_contains(e.what(), "a forked child cannot use its parent's", "kForked");
+          ch->abort("the child gives up");  // must not reach the parent's header
+          ch.reset();                        // nor may the destructor's close
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "[forked child] FAILED: %s\n", e.what());
+          status = 1;
+        }
+        std::fflush(stderr);
+        ::_exit(status);
+      }
+      int status = 0;
+      require(::waitpid(child, &status, 0) == child, "waitpid");
+      require(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the forked child failed");
+      require(!ch->foreign() && !ch->broken(), "the parent's channel changed");
+    }
+    for (uint64_t call = 4; call <= 7; ++call) exchange_one(*ch, call, 12);  // child gone
+  });
+  expect_clean_exit(statuses);
+}
+
+// A timeout past the steady clock's range (a group timeout of timedelta.max) never expires,
+// instead of overflowing into a deadline in the past that fails the first wait.
+TEST_P(ShmRanks, TimeoutBeyondTheClocksRangeSaturates) {
+  const int tp = GetParam();
+  const auto statuses = run_ranks(prefix_, ranks(tp), [](RankContext& ctx) {
+    auto ch = setup(ctx, options_for(ctx, "forever", 64, milliseconds::max()));
+    for (uint64_t call = 1; call <= 2; ++call) {
+      // Rank 0 reaches every wait first, so its waits really wait.
+      if (ctx.rank != 0) std::this_thread::sleep_for(milliseconds(100));
+      exchange_one(*ch, call, 13);
     }
   });
   expect_clean_exit(statuses);

@@ -1,6 +1,10 @@
 #include "core/shm/channel.h"
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -100,6 +104,41 @@ std::string reason_text(const layout::SegmentHeader& h) {
   return std::string(h.reason, strnlen(h.reason, layout::kReasonBytes));
 }
 
+size_t slot_stride_of(size_t slot_bytes) {
+  return (slot_bytes + layout::kSlotAlign - 1) / layout::kSlotAlign * layout::kSlotAlign;
+}
+
+// start + timeout, or the clock's end when that lies beyond it (e.g. a timeout of
+// timedelta.max), instead of an overflow into the past.
+Clock::time_point deadline_after(Clock::time_point start, std::chrono::milliseconds timeout) {
+  const auto room =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - start);
+  if (timeout >= room) return Clock::time_point::max();
+  return start + std::chrono::duration_cast<Clock::duration>(timeout);
+}
+
+// Whether the mapped header of a segment of `file_bytes` bytes is a complete channel header of
+// this layout whose creator is provably gone (see reclaim_dead_segments).
+bool abandoned(const layout::SegmentHeader& h, uint64_t file_bytes, const ProcessId& self) {
+  const layout::Identity& id = h.identity;
+  if (id.magic.load(kAcquire) != layout::kMagic || id.version != layout::kVersion) return false;
+  if (id.size < 1 || id.size > static_cast<uint32_t>(kMaxRanks) || id.rank >= id.size) {
+    return false;
+  }
+  if (id.slot_bytes < 1 || id.slot_bytes > kMaxSlotBytes ||
+      id.slot_stride != slot_stride_of(id.slot_bytes) ||
+      file_bytes != layout::kHeaderBytes + 2 * id.slot_stride) {
+    return false;
+  }
+  // A pid of another namespace (or of an unknown one) says nothing about liveness here.
+  if (self.pid_ns == 0 || id.pid_ns != self.pid_ns || id.pid == 0 ||
+      id.pid > static_cast<uint64_t>(INT32_MAX)) {
+    return false;
+  }
+  const ProcessId owner{static_cast<int64_t>(id.pid), id.pid_ns, id.start_time};
+  return process_liveness(owner) == Liveness::kGone;
+}
+
 }  // namespace
 
 std::string default_description(const Fingerprint& fp) {
@@ -125,6 +164,8 @@ const char* kind_name(ShmError::Kind kind) {
       return "broken";
     case Kind::kUsage:
       return "usage";
+    case Kind::kForked:
+      return "forked";
   }
   return "?";
 }
@@ -132,25 +173,40 @@ const char* kind_name(ShmError::Kind kind) {
 Channel::Channel(const ChannelOptions& options)
     : options_(options),
       segment_names_(options.size),
-      slot_stride_((options.slot_bytes + layout::kSlotAlign - 1) / layout::kSlotAlign *
-                   layout::kSlotAlign),
+      slot_stride_(slot_stride_of(options.slot_bytes)),
       segment_bytes_(layout::kHeaderBytes + 2 * slot_stride_),
       token_(channel_token(options.name, options.size, options.slot_bytes)),
       self_(current_process()),
       peers_(options.size),
       bases_(options.size, nullptr),
-      check_liveness_(options.size, false) {
-  for (int r = 0; r < options.size; ++r) {
-    segment_names_[r] = "/" + options.name + "-r" + std::to_string(r);
-  }
+      check_liveness_(options.size, false) {}
+
+std::string Channel::segment_name_of(int rank, uint64_t instance) const {
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(instance));
+  return "/" + options_.name + "-r" + std::to_string(rank) + "-" + hex;
 }
 
 std::unique_ptr<Channel> Channel::create(const ChannelOptions& options) {
   check_options(options);
   std::unique_ptr<Channel> channel(new Channel(options));
   Channel& ch = *channel;
-  // From here on a throw destroys `channel`, which unlinks and unmaps what was made.
-  ch.own_ = Segment::create(ch.segment_names_[options.rank], ch.segment_bytes_);
+  // From here on a throw destroys `channel`, which unlinks and unmaps what was made. A taken
+  // name (a collision, or someone who claimed it) only costs a fresh draw; 16 taken in a row
+  // mean 16 collisions of random 64-bit values, i.e. names claimed by guessing: an error.
+  constexpr int kAttempts = 16;
+  for (int attempt = 0; attempt < kAttempts && ch.own_.data() == nullptr; ++attempt) {
+    ch.instance_ = random_instance_token();
+    ch.segment_names_[options.rank] = ch.segment_name_of(options.rank, ch.instance_);
+    bool taken = false;
+    ch.own_ = Segment::create(ch.segment_names_[options.rank], ch.segment_bytes_, &taken);
+  }
+  if (ch.own_.data() == nullptr) {
+    throw ShmError(Kind::kSetup, -1,
+                   ch.context() + ": cannot create a shared-memory segment: " +
+                       std::to_string(kAttempts) + " random names '/" + options.name + "-r" +
+                       std::to_string(options.rank) + "-<random>' in a row were taken");
+  }
   auto* h = new (ch.own_.data()) layout::SegmentHeader();
   layout::Identity& id = h->identity;
   id.version = layout::kVersion;
@@ -159,7 +215,6 @@ std::unique_ptr<Channel> Channel::create(const ChannelOptions& options) {
   id.slot_bytes = options.slot_bytes;
   id.slot_stride = ch.slot_stride_;
   id.token = ch.token_;
-  ch.instance_ = random_instance_token();
   id.instance = ch.instance_;
   id.pid = static_cast<uint64_t>(ch.self_.pid);
   id.pid_ns = ch.self_.pid_ns;
@@ -171,6 +226,7 @@ std::unique_ptr<Channel> Channel::create(const ChannelOptions& options) {
 
 Channel::~Channel() {
   if (own_.data() == nullptr) return;  // create() failed before making the segment
+  if (foreign()) return;               // a forked child: the members only unmap
   layout::SegmentHeader* h = own_header();
   uint64_t open = layout::kStateOpen;
   if (h->state.value.compare_exchange_strong(open, layout::kStateAborting,
@@ -185,7 +241,7 @@ Channel::~Channel() {
 }
 
 void Channel::unlink_own() noexcept {
-  if (unlinked_ || own_.data() == nullptr) return;
+  if (unlinked_ || own_.data() == nullptr || foreign()) return;
   Segment::unlink(own_.name());
   unlinked_ = true;
 }
@@ -233,7 +289,7 @@ std::string Channel::own_reason() const {
 void Channel::mark_aborted(const std::string& why) const noexcept {
   broken_.store(true, kRelease);
   layout::SegmentHeader* h = own_header();
-  if (h == nullptr) return;
+  if (h == nullptr || foreign()) return;
   uint64_t open = layout::kStateOpen;
   if (!h->state.value.compare_exchange_strong(open, layout::kStateAborting,
                                               std::memory_order_acq_rel)) {
@@ -254,6 +310,14 @@ void Channel::fail(Kind kind, int peer, const std::string& message) const {
 }
 
 void Channel::check_usable(const char* call) const {
+  if (foreign()) {
+    throw ShmError(Kind::kForked, -1,
+                   context() + ": " + call + "() in process " + std::to_string(this_pid()) +
+                       ", a fork of process " + std::to_string(self_.pid) +
+                       " that set up this channel: a forked child cannot use its parent's "
+                       "shared-memory channel (it would write into the parent's segment); "
+                       "set up a new group in the child");
+  }
   if (broken()) {
     throw ShmError(
         Kind::kBroken, -1,
@@ -302,9 +366,17 @@ bool Channel::peer_identity_ok(int peer, std::string* problem) const {
   return true;
 }
 
-void Channel::map_peers() {
+void Channel::map_peers(const std::vector<uint64_t>& instance_tokens) {
   if (mapped_) return;
-  if (broken()) check_usable("map_peers");
+  if (broken() || foreign()) check_usable("map_peers");
+  if (instance_tokens.size() != static_cast<size_t>(options_.size) ||
+      instance_tokens[options_.rank] != instance_) {
+    throw ShmError(Kind::kSetup, -1,
+                   context() + ": map_peers() needs every rank's instance token, this rank's " +
+                       "at index " + std::to_string(options_.rank) + "; got " +
+                       std::to_string(instance_tokens.size()) + " tokens for " +
+                       std::to_string(options_.size) + " ranks");
+  }
   // On any failure the peers mapped so far are unmapped again (by `peers`' destructor).
   std::vector<Segment> peers(options_.size);
   auto forget_peers = [this] {
@@ -314,6 +386,7 @@ void Channel::map_peers() {
   };
   for (int r = 0; r < options_.size; ++r) {
     if (r == options_.rank) continue;
+    segment_names_[r] = segment_name_of(r, instance_tokens[r]);
     try {
       peers[r] = Segment::open(segment_names_[r], segment_bytes_, Segment::Access::kReadOnly);
     } catch (const ShmError& e) {
@@ -366,7 +439,7 @@ void Channel::await(int peer, Awaited what, uint64_t target, const Step& step) {
 
   const WaitPolicy& policy = options_.wait;
   const Clock::time_point start = Clock::now();
-  const Clock::time_point deadline = start + options_.timeout;
+  const Clock::time_point deadline = deadline_after(start, options_.timeout);
   Clock::time_point now = start;
   Clock::time_point next_liveness = start + policy.liveness_period;
   std::chrono::nanoseconds sleep = policy.sleep_min;
@@ -411,6 +484,10 @@ void Channel::await(int peer, Awaited what, uint64_t target, const Step& step) {
       const ProcessId owner{static_cast<int64_t>(id.pid), id.pid_ns, id.start_time};
       if (process_liveness(owner) == Liveness::kGone) {
         if (counter.load(kAcquire) >= target) return;
+        // A peer that closed or aborted, then exited, since this round's state check is
+        // reported with its reason (by the next round), not as merely dead.
+        const uint64_t last = h->state.value.load(kAcquire);
+        if (last == layout::kStateAborted || last == layout::kStateClosed) continue;
         fail(Kind::kPeerDead, peer,
              "rank " + std::to_string(peer) + " (pid " + std::to_string(id.pid) +
                  ") died while this rank waited for it to " + task() + details());
@@ -528,6 +605,48 @@ void Channel::finish(const Step& step) {
   // Release: this rank's reads of step.seq happen-before a peer's begin(step.seq + 2).
   own_header()->finished.value.store(step.seq, kRelease);
   finished_ = step.seq;
+}
+
+std::vector<std::string> reclaim_dead_segments(const std::string& prefix) {
+  std::vector<std::string> removed;
+  DIR* dir = ::opendir("/dev/shm");
+  if (dir == nullptr || prefix.empty()) {
+    if (dir != nullptr) ::closedir(dir);
+    return removed;
+  }
+  const ProcessId self = current_process();
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string file = entry->d_name;
+    if (file.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string name = "/" + file;
+    try {
+      check_segment_name(name);
+    } catch (const ShmError&) {
+      continue;
+    }
+    const int fd = shm_open(name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0);
+    if (fd < 0) continue;
+    struct stat st{};
+    bool dead = false;
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+        static_cast<uint64_t>(st.st_size) >= layout::kHeaderBytes) {
+      void* addr = ::mmap(nullptr, layout::kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+      if (addr != MAP_FAILED) {
+        dead = abandoned(*static_cast<const layout::SegmentHeader*>(addr),
+                         static_cast<uint64_t>(st.st_size), self);
+        ::munmap(addr, layout::kHeaderBytes);
+      }
+    }
+    ::close(fd);
+    // Still the file that was judged (not replaced since): then remove it.
+    struct stat now{};
+    if (dead && ::stat(("/dev/shm/" + file).c_str(), &now) == 0 && now.st_ino == st.st_ino &&
+        now.st_dev == st.st_dev && ::shm_unlink(name.c_str()) == 0) {
+      removed.push_back(name);
+    }
+  }
+  ::closedir(dir);
+  return removed;
 }
 
 }  // namespace flashcomm::core::shm

@@ -3,12 +3,15 @@
 // every failure (timeout, dead or aborted peer, diverging call sequences) turned into the same
 // kind of error on every rank.
 //
-// Segments. Rank r owns one segment, "/<name>-r<r>" (layout.h): a header page, then two
-// buffers of slot_bytes each (page-aligned), buffer b used by the steps with seq % 2 == b.
-// Only rank r stores into it; every peer maps it read-only.
+// Segments. Rank r owns one segment, "/<name>-r<r>-<x>" (layout.h), x = rank r's random
+// instance token in hex, drawn by create() (again while the name is taken): a header page,
+// then two buffers of slot_bytes each (page-aligned), buffer b used by the steps with
+// seq % 2 == b. Only rank r stores into it; every peer maps it read-only. No rank's name can
+// be told from another's, so no one can claim a rank's name before it exists.
 //
-// Setup, with a barrier among the ranks (through the caller's c10d group) between phases:
-//   Channel::create()  -> barrier -> map_peers() -> barrier -> unlink_own()
+// Setup, with an exchange among the ranks (through the caller's c10d group) between phases:
+//   Channel::create() -> all-gather instance_token() -> map_peers(tokens) -> barrier
+//   -> unlink_own()
 // After unlink_own() on every rank, nothing of the channel is left in /dev/shm, whatever
 // happens to the processes later (a SIGKILL included): the mappings keep the memory alive.
 //
@@ -59,7 +62,11 @@
 //
 // Threads. A Channel is driven by one thread at a time. abort() and broken() may be called
 // from any thread at any time (e.g. a watchdog); a wait in progress then fails with kBroken.
-// A Channel must not be used in a child forked after create().
+//
+// Fork. A Channel belongs to the process that created it. In a child forked after create(),
+// the mappings are the parent's own memory, so nothing there ever stores into them or removes
+// a name: every step call throws kForked, abort() only marks the child's copy broken, and the
+// destructor only unmaps.
 #pragma once
 
 #include <atomic>
@@ -127,14 +134,14 @@ struct WaitPolicy {
 };
 
 struct ChannelOptions {
-  // Unique per job and group, e.g. "fc-<nonce>-<group>": 1..kMaxChannelNameLength characters
-  // of [A-Za-z0-9._-]. Rank r's segment is "/<name>-r<r>".
+  // The same on every rank, e.g. "fc-g<group>": 1..kMaxChannelNameLength characters of
+  // [A-Za-z0-9._-]. Rank r's segment is "/<name>-r<r>-<its instance token in hex>".
   std::string name;
   int rank = 0;  // 0 <= rank < size
   int size = 1;  // 1 <= size <= kMaxRanks; the same on every rank
   // Bytes of each of this rank's two buffers; 1..kMaxSlotBytes, the same on every rank.
   size_t slot_bytes = 0;
-  // Bound of every wait (> 0).
+  // Bound of every wait (> 0); a deadline past the clock's range saturates (never times out).
   std::chrono::milliseconds timeout{300000};
   // Names the group in messages, e.g. "group 'tp' (c10d name '3')"; default: the channel name.
   std::string label;
@@ -152,14 +159,16 @@ class Channel {
     Fingerprint fp;
   };
 
-  // Validates the options (kSetup naming the bad field) and creates this rank's segment,
-  // header initialised (magic, version, rank, size, slot size, token, instance token, pid,
-  // pid namespace, start time). A failure leaves nothing behind.
+  // Validates the options (kSetup naming the bad field) and creates this rank's segment under
+  // a fresh random name, header initialised (magic, version, rank, size, slot size, token,
+  // instance token, pid, pid namespace, start time). A failure leaves nothing behind.
   static std::unique_ptr<Channel> create(const ChannelOptions& options);
 
-  // Opens and maps every peer's segment read-only and checks its size and header (kSetup
-  // naming the peer otherwise; the segments mapped so far are released). Idempotent.
-  void map_peers();
+  // Opens and maps every peer's segment read-only (rank r's name follows from
+  // instance_tokens[r], rank r's instance_token() as the caller all-gathered it) and checks
+  // its size and header (kSetup naming the peer otherwise; the segments mapped so far are
+  // released). Idempotent once it succeeded.
+  void map_peers(const std::vector<uint64_t>& instance_tokens);
   // True iff every peer is mapped and its header holds the magic, version, rank, size, slot
   // size and token this rank expects: proof that this process sees the peers' memory.
   bool probe() const;
@@ -168,12 +177,15 @@ class Channel {
   // ProcessGroup): proof that the segment mapped as rank r's was made by rank r of this very
   // setup, not by an unrelated process that used the same name. False on a size mismatch.
   bool probe(const std::vector<uint64_t>& instance_tokens) const;
-  // Random 64-bit value drawn by create(), stored in this rank's header.
+  // Random 64-bit value drawn by create(), stored in this rank's header and in its name.
   uint64_t instance_token() const { return instance_; }
+  // This rank's segment name ("/<name>-r<rank>-<x>").
+  const std::string& segment_name() const { return segment_names_[options_.rank]; }
   // Removes this rank's name from /dev/shm (mappings stay). Idempotent; the destructor does it
   // if it was never called.
   void unlink_own() noexcept;
-  // Closes the channel (peers waiting on this rank fail fast), unlinks if needed, unmaps.
+  // Closes the channel (peers waiting on this rank fail fast), unlinks if needed, unmaps. In a
+  // forked child: only unmaps.
   ~Channel();
 
   Channel(const Channel&) = delete;
@@ -196,6 +208,8 @@ class Channel {
   // kBroken. Only the first abort's reason is kept. Thread-safe, idempotent.
   void abort(const std::string& why) noexcept;
   bool broken() const { return broken_.load(std::memory_order_acquire); }
+  // True in a process other than the one that created this channel (a forked child).
+  bool foreign() const { return this_pid() != self_.pid; }
 
   size_t slot_bytes() const { return options_.slot_bytes; }
   int rank() const { return options_.rank; }
@@ -222,9 +236,10 @@ class Channel {
   std::string describe_peer_progress(int peer) const;
   std::string own_reason() const;
   bool peer_identity_ok(int peer, std::string* problem) const;
+  std::string segment_name_of(int rank, uint64_t instance) const;
 
   ChannelOptions options_;
-  std::vector<std::string> segment_names_;  // [rank]
+  std::vector<std::string> segment_names_;  // [rank]; peers' set by map_peers()
   size_t slot_stride_ = 0;
   size_t segment_bytes_ = 0;
   uint64_t token_ = 0;
@@ -240,5 +255,14 @@ class Channel {
   Fingerprint fingerprints_[2];                        // of the steps in flight, [seq % 2]
   mutable std::atomic<bool> broken_{false};
 };
+
+// Removes the segments of /dev/shm whose names start with `prefix` and that provably belong to
+// dead channels: owned by this user, a complete channel header (magic, version, shape and file
+// size consistent), created in this pid namespace by a process that is gone (no such pid, a
+// zombie, or the pid now runs a process started at another time). Anything unclear (another
+// namespace, an unknown start time with a live pid, an unreadable header) is kept. Such a
+// segment is left by a rank killed between create() and unlink_own(). Returns the names
+// removed ("/..."); never throws.
+std::vector<std::string> reclaim_dead_segments(const std::string& prefix);
 
 }  // namespace flashcomm::core::shm

@@ -18,6 +18,7 @@ class ShmError : public std::runtime_error {
     kPeerAborted,  // peer() aborted (reason in the message) or closed its channel
     kBroken,       // this channel was aborted earlier; no further step is possible
     kUsage,        // the caller broke the step protocol (order of begin/publish/finish)
+    kForked,       // used in a process forked from the one that created the channel
   };
 
   ShmError(Kind kind, int peer, const std::string& message)
@@ -32,7 +33,7 @@ class ShmError : public std::runtime_error {
   int peer_;
 };
 
-// "setup", "timeout", "peer-dead", "mismatch", "peer-aborted", "broken", "usage".
+// "setup", "timeout", "peer-dead", "mismatch", "peer-aborted", "broken", "usage", "forked".
 const char* kind_name(ShmError::Kind kind);
 
 }  // namespace flashcomm::core::shm

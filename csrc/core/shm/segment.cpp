@@ -58,7 +58,8 @@ void check_segment_name(const std::string& name) {
   }
 }
 
-Segment Segment::create(const std::string& name, size_t bytes) {
+Segment Segment::create(const std::string& name, size_t bytes, bool* name_taken) {
+  if (name_taken != nullptr) *name_taken = false;
   check_segment_name(name);
   if (bytes == 0 || bytes > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
     throw ShmError(ShmError::Kind::kSetup, -1,
@@ -67,6 +68,10 @@ Segment Segment::create(const std::string& name, size_t bytes) {
                        std::to_string(std::numeric_limits<off_t>::max()) + "]");
   }
   const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && errno == EEXIST && name_taken != nullptr) {
+    *name_taken = true;
+    return Segment();
+  }
   if (fd < 0) throw setup_error("create", name, bytes, "shm_open(O_CREAT|O_EXCL)", errno);
   // From here on the name exists: every failure removes it again.
   auto undo = [&](const std::string& call, int err) {

@@ -28,8 +28,9 @@ class Segment {
   // in full (posix_fallocate, so a full /dev/shm fails here and not later with SIGBUS) and
   // maps it read-write with every page populated; the contents are zero. Any failure
   // (EEXIST, ENOSPC on a full /dev/shm, EMFILE, ...) throws ShmError(kSetup) naming the
-  // segment, its size and the errno text, after removing whatever this call made.
-  static Segment create(const std::string& name, size_t bytes);
+  // segment, its size and the errno text, after removing whatever this call made. With
+  // `name_taken`, an existing name is not an error: *name_taken = true and an empty Segment.
+  static Segment create(const std::string& name, size_t bytes, bool* name_taken = nullptr);
 
   // Maps the existing object `name`, whose size must be exactly `bytes` (ShmError(kSetup)
   // otherwise, as for every failure). A kReadOnly mapping faults on any store.

@@ -1,7 +1,10 @@
 #include "core/shm/sys.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
+
+#include <atomic>
 
 #include <cerrno>
 #include <cstdio>
@@ -65,7 +68,21 @@ bool read_proc_stat(int64_t pid, char* state, uint64_t* start_time, int64_t* sta
   return true;
 }
 
+std::atomic<int64_t> g_pid{0};
+
+void refresh_pid() { g_pid.store(::getpid(), std::memory_order_relaxed); }
+
 }  // namespace
+
+int64_t this_pid() {
+  static const bool registered = [] {
+    refresh_pid();
+    ::pthread_atfork(nullptr, nullptr, refresh_pid);
+    return true;
+  }();
+  (void)registered;
+  return g_pid.load(std::memory_order_relaxed);
+}
 
 std::string errno_text(int err) {
   const std::string text = std::generic_category().message(err);

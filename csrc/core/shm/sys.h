@@ -20,6 +20,11 @@ struct ProcessId {
 // The calling process (read afresh on every call, so it is right after a fork()).
 ProcessId current_process();
 
+// getpid() of the calling process at the cost of a load: cached, and refreshed in a child by a
+// pthread_atfork handler (registered at the first call), so it is right after any fork() made
+// through the C library (os.fork(), multiprocessing's fork).
+int64_t this_pid();
+
 enum class Liveness { kAlive, kGone };
 
 // Whether `who` still runs. Only meaningful when who.pid_ns equals the caller's pid_ns (and is

@@ -134,20 +134,25 @@ def vllm_env(tmp: Path, enable: bool, tp: int, compile_backend: str = "eager",
 def run_engine(tmp: Path, model: Path, enable: bool, tp: int = 2, dtype: str = "float32",
                bench: bool = False, logprobs: bool = False, compile_backend: str = "eager",
                cpu_view: Optional[str] = None, invariance: bool = False,
-               env: Optional[dict[str, str]] = None,
-               tag: str = "") -> tuple[Optional[dict], str]:
+               env: Optional[dict[str, str]] = None, tag: str = "",
+               switch_thresholds: tuple[int, ...] = ()) -> tuple[Optional[dict], str]:
     """Runs ``vllm.LLM`` on ``model`` in a subprocess; returns (result, log), the result
     None when it failed. ``logprobs``: also the top-2 log-probs of every generated
     position (a separate pass after the checked one). ``bench``: also prefill and decode
     timings. ``cpu_view``: a key of :data:`CPU_VIEWS` (None: from the environment).
     ``invariance``: also :data:`MIXED` served as one batch and each prompt alone, with
     ids and top-5 log-probs (``res["invariance"]``). ``env``: set over :func:`vllm_env`
-    (e.g. ``FLASHCOMM_SP_THRESHOLD``); ``tag`` names this run's result and log files."""
+    (e.g. ``FLASHCOMM_SP_THRESHOLD``); ``tag`` names this run's result and log files.
+    ``switch_thresholds``: the model runs uncompiled, and per threshold every worker
+    switches to it before the invariance pass (``res["switched"][str(T)]``), so one
+    engine serves the same requests in several modes."""
     view = cpu_view_from_env() if cpu_view is None else cpu_view
     out = tmp / f"result_{model.name}_{'on' if enable else 'off'}{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), str(model), str(out), "--tp", str(tp),
            "--dtype", dtype] + (["--bench"] if bench else []) + \
-        (["--logprobs"] if logprobs else []) + (["--invariance"] if invariance else [])
+        (["--logprobs"] if logprobs else []) + (["--invariance"] if invariance else []) + \
+        (["--switch-thresholds", ",".join(map(str, switch_thresholds))]
+         if switch_thresholds else [])
     run_env = vllm_env(tmp, enable, tp, compile_backend, view)
     run_env.update(env or {})
     t0 = time.time()
@@ -224,6 +229,29 @@ def make_checkpoint(tmp: Path, name: str, *args: str) -> Path:
     return d
 
 
+def worker_set_sp_threshold(worker, sp_threshold: int) -> int:
+    """For ``LLM.collective_rpc(worker_set_sp_threshold, args=(T,))``: every converted
+    module of this worker's model switches to ``sp_threshold`` T, and the ranks agree on it
+    again (``flashcomm.init``: a collective, every worker runs it). Read per forward only
+    when vLLM runs the model uncompiled (``--switch-thresholds``: compilation mode NONE);
+    a compiled graph holds the threshold it was traced with. Returns the modules changed."""
+    import dataclasses
+
+    import flashcomm
+    changed, agreed = 0, set()
+    for mod in worker.model_runner.get_model().modules():
+        st = getattr(mod, "_fc_state", None)
+        if st is None:
+            continue
+        mod._fc_state = dataclasses.replace(st, sp_threshold=int(sp_threshold))
+        changed += 1
+        if st.group_name not in agreed:
+            agreed.add(st.group_name)
+            flashcomm.init(st.group_name, sp_threshold=int(sp_threshold),
+                           threshold=int(st.threshold), enabled=True)
+    return changed
+
+
 def _engine_main(argv: list[str]) -> None:
     """The engine subprocess: generate, count, write the result JSON to OUT."""
     p = argparse.ArgumentParser(prog="vllm_engine.py")
@@ -236,14 +264,20 @@ def _engine_main(argv: list[str]) -> None:
                    help=f"then a pass with the top-{TOP_LOGPROBS} log-probs")
     p.add_argument("--invariance", action="store_true",
                    help="then MIXED as one batch and each prompt alone, with log-probs")
+    p.add_argument("--switch-thresholds", default="",
+                   help="T1,T2,...: the model uncompiled; per T, every worker switched to "
+                        "sp_threshold T, then the checked pass with log-probs and the "
+                        "invariance pass (res['switched'][T])")
     a = p.parse_args(argv)
+    switch = [int(t) for t in a.switch_thresholds.split(",") if t]
     from vllm import LLM, SamplingParams
 
     from flashcomm.vllm.plugin import worker_reset_stats, worker_stats
 
     llm = LLM(model=a.model, tensor_parallel_size=a.tp, skip_tokenizer_init=True,
               dtype=a.dtype, enforce_eager=False, max_model_len=512, max_num_seqs=8,
-              max_num_batched_tokens=512, seed=0, enable_prefix_caching=False)
+              max_num_batched_tokens=512, seed=0, enable_prefix_caching=False,
+              **({"compilation_config": {"mode": 0}} if switch else {}))
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                         detokenize=False)
     logprobs: dict[str, list] = {}
@@ -274,7 +308,7 @@ def _engine_main(argv: list[str]) -> None:
                 raise RuntimeError(f"greedy ids changed when log-probs were requested: "
                                    f"{again} vs {res[f'ids_{key}']}")
         res["logprobs"] = logprobs
-    if a.invariance:
+    def invariance_pass() -> dict[str, Any]:
         # The same requests batched together and alone: per request, greedy ids and the
         # top-5 log-probs of every generated position (exact floats).
         lp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
@@ -286,7 +320,23 @@ def _engine_main(argv: list[str]) -> None:
         for prompt in MIXED:
             inv["ids_alone"] += gen([prompt], lp, key="inv_alone")
             inv["logprobs_alone"] += logprobs.pop("inv_alone")
-        res["invariance"] = inv
+        # BIG and SMALL as one batch each, with the same log-probs.
+        for key, prompts in (("big", BIG), ("small", SMALL)):
+            inv[f"ids_{key}"] = gen(prompts, lp, key=f"inv_{key}")
+            inv[f"logprobs_{key}"] = logprobs.pop(f"inv_{key}")
+        return inv
+
+    if a.invariance:
+        res["invariance"] = invariance_pass()
+    if switch:
+        res["switched"] = {}
+        for t in switch:
+            changed = llm.collective_rpc(worker_set_sp_threshold, args=(t,))
+            llm.collective_rpc(worker_reset_stats)
+            inv = invariance_pass()
+            inv["converted_switched"] = changed
+            inv["workers_after"] = llm.collective_rpc(worker_stats)
+            res["switched"][str(t)] = inv
     if a.bench:
         long = [[(13 * i + 7 * j) % 500 + 3 for j in range(100)] for i in range(4)]  # 400
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from flashcomm import tuning
 
 from _cases import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -67,3 +70,11 @@ def test_bench_help_lists_flags():
                          capture_output=True, text=True, timeout=120).stdout
     for flag in ("--tokens", "--output", "--margin", "--no-model"):
         assert flag in out
+
+
+def test_every_results_file_records_its_provenance():
+    """Every file in benchmarks/results/ says which commit, torch, vLLM and CPU produced
+    it: embedded (new results) or in PROVENANCE.json (legacy, from git history)."""
+    proc = subprocess.run([sys.executable, "benchmarks/results_provenance.py", "--check"],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

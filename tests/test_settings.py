@@ -157,17 +157,29 @@ def test_misspelt_variable_warns_at_import():
                      "ignored; did you mean FLASHCOMM_SP_THRESHOLD?"], proc.stderr[-3000:]
 
 
-def test_cpp_reads_the_same_grammar():
-    code = ("import flashcomm, torch\n"
-            "print('BITWISE', flashcomm.bitwise_modes())\n")
-    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=300, env=_env(FLASHCOMM_BITWISE_MODES="True"))
-    assert "BITWISE True" in on.stdout, on.stderr[-3000:]
-    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=_env(FLASHCOMM_BITWISE_MODES="y"))
-    assert bad.returncode != 0, bad.stdout
-    assert ("FLASHCOMM_BITWISE_MODES must be a boolean: 1/0, true/false, yes/no or on/off "
-            "(any case), got 'y'") in bad.stderr, bad.stderr[-3000:]
+# One process, two C++ readers: FLASHCOMM_BITWISE_MODES=True is on (it once took only
+# 0 / 1), and a bad FLASHCOMM_DEBUG_POISON is an error at the first norm call that
+# reads it (on a one-rank group), not a crash.
+GRAMMAR = r"""
+import sys, torch, torch.distributed as dist, flashcomm
+print("BITWISE", flashcomm.bitwise_modes(), flush=True)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+x = torch.ones(8, 4)
+try:
+    flashcomm.sp_add_rms_norm(x, None, torch.ones(4), 1e-6, None, 1)
+    print("NO ERROR")
+except RuntimeError as e:
+    print("ERROR", str(e).splitlines()[0])
+"""
+
+
+def test_cpp_reads_the_same_grammar(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", GRAMMAR, str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=300,
+                          env=_env(FLASHCOMM_BITWISE_MODES="True", FLASHCOMM_DEBUG_POISON="y"))
+    assert "BITWISE True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert ("ERROR FLASHCOMM_DEBUG_POISON must be a boolean: 1/0, true/false, yes/no or "
+            "on/off (any case), got 'y'") in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "DEVELOPERS.md"])

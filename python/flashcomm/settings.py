@@ -217,11 +217,11 @@ SETTINGS: tuple[Setting, ...] = (
             words=("auto",), lo=0,
             doc="forwards with more tokens than this run sequence-parallel (sharded), the "
                 "others as plain TP (replicated); raised to vLLM's largest CUDA-graph "
-                "capture size; `auto`: measured at start-up"),
+                "capture size; `auto`: measured at start-up (not in this build yet: refused)"),
     Setting("FLASHCOMM_TUNING_FILE", "path", None, scope="vllm", key="tuning_file",
             default_text="none",
-            doc="a table written by `flashcomm tune`: its measured thresholds replace "
-                "`auto` ones"),
+            doc="a table written by `flashcomm tune`, whose measured thresholds the plugin "
+                "uses (not in this build yet: refused)"),
     Setting("FLASHCOMM_THRESHOLD", "int", -1, scope="vllm", key="threshold", lo=-1,
             default_text="-1 (auto)",
             doc="the pipelining threshold of flashcomm's fused GEMMs (`gemm=flashcomm` "

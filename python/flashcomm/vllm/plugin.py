@@ -275,6 +275,9 @@ def _patch_model_loader(module: Any = None) -> None:
             if resolved.sp_threshold == "auto":
                 raise _compat.refuse("sp_threshold='auto' (a measured threshold) is not "
                                      "available in this build; give a number of tokens")
+            if resolved.tuning_file:
+                raise _compat.refuse("tuning_file is not read by this build (nothing would "
+                                     "use it); remove it")
             spt, thr = int(resolved.sp_threshold), int(resolved.threshold)
             model = original(self, vllm_config=vllm_config, model_config=model_config,
                              prefix=prefix)

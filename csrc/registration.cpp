@@ -273,11 +273,16 @@ TORCH_LIBRARY(flashcomm, m) {
   m.def("set_transport(str group_name, str transport) -> ()", TORCH_FN(set_transport_op));
   // Transport a group uses ("c10d" / "shm"), "" before its first use.
   m.def("transport(str group_name) -> str", TORCH_FN(transport_op));
-  // Test hook: the agreement check believes the current stream is capturing a CUDA graph.
-  m.def("_set_capturing_for_testing(bool capturing) -> ()",
-        TORCH_FN(set_capturing_for_testing_op));
-  // Test hook: the group transport's plain in-place all-reduce, which no op reaches (a group
-  // with an all-reduce provider, the only caller of the plain all-reduce, bypasses it).
-  m.def("_all_reduce_for_testing(Tensor(a!) t, str group_name) -> ()",
-        TORCH_FN(all_reduce_for_testing_op));
+}
+
+// Test-only hooks, outside the public `flashcomm` namespace (torch.ops.flashcomm_testing).
+TORCH_LIBRARY(flashcomm_testing, m) {
+  using namespace flashcomm::ops;
+  // The agreement check believes the current stream is capturing a CUDA graph.
+  m.def("set_capturing(bool capturing) -> ()", TORCH_FN(set_capturing_for_testing_op));
+  // The group transport's plain in-place all-reduce, which no op reaches (a group with an
+  // all-reduce provider, the only caller of the plain all-reduce, bypasses it).
+  m.def("all_reduce(Tensor(a!) t, str group_name) -> ()", TORCH_FN(all_reduce_for_testing_op));
+  // FLASHCOMM_DEBUG_POISON (read once per process) switched on or off from now on.
+  m.def("set_debug_poison(bool on) -> ()", TORCH_FN(set_debug_poison_for_testing_op));
 }

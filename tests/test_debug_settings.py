@@ -62,20 +62,20 @@ def test_forced_collectives_take_the_multi_rank_paths_at_tp1(rank_pools, transpo
 def _first_use_while_capturing():
     group = dist.new_group([0], backend="gloo")
     x, w = torch.randn(4, 8), torch.randn(6, 8)
-    torch.ops.flashcomm._set_capturing_for_testing(True)
+    torch.ops.flashcomm_testing.set_capturing(True)
     try:
         refused = ""
         try:
             flashcomm.gemm_rs(x, w, None, group)
         except RuntimeError as e:
             refused = str(e)
-        torch.ops.flashcomm._set_capturing_for_testing(False)
+        torch.ops.flashcomm_testing.set_capturing(False)
         flashcomm.init(group)  # before capture: agreement and transport done
-        torch.ops.flashcomm._set_capturing_for_testing(True)
+        torch.ops.flashcomm_testing.set_capturing(True)
         out = flashcomm.gemm_rs(x, w, None, group)  # no host synchronisation any more
         return refused, tuple(out.shape)
     finally:
-        torch.ops.flashcomm._set_capturing_for_testing(False)
+        torch.ops.flashcomm_testing.set_capturing(False)
 
 
 def test_agreement_refuses_to_run_inside_a_capture(rank_pools):

@@ -5,7 +5,6 @@ compiled graph, and NaN-poisoned don't-care rows never reaching an output."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ def _compiled_model_on_rank(dtype_name: str, w8a8: bool, backend: str):
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(flash, backend=counter, fullgraph=True, dynamic=True)
     rows = []
-    os.environ["FLASHCOMM_DEBUG_POISON"] = "1"
+    torch.ops.flashcomm_testing.set_debug_poison(True)  # FLASHCOMM_DEBUG_POISON=1
     try:
         with torch.no_grad():
             for n in (INDUCTOR_TOKEN_SEQUENCE if backend == "inductor" else TOKEN_SEQUENCE):
@@ -70,7 +69,7 @@ def _compiled_model_on_rank(dtype_name: str, w8a8: bool, backend: str):
                     "shape": tuple(got.shape),
                 })
     finally:
-        os.environ.pop("FLASHCOMM_DEBUG_POISON", None)
+        torch.ops.flashcomm_testing.set_debug_poison(False)
     recompiles = counter.frame_count - frames_after_first_call
     return torch._dynamo.utils.counters["stats"]["unique_graphs"], recompiles, rows
 

@@ -369,7 +369,7 @@ def _plain_all_reduce_of_rank_sizes(elems):
     flashcomm.init(g)
     # A 32 KiB slot holds 8192 fp32: rank 0 sends 2 pieces, rank 1 sends 3.
     x = torch.ones(elems[dist.get_rank()])
-    return error_of(torch.ops.flashcomm._all_reduce_for_testing, x, g.group_name)
+    return error_of(torch.ops.flashcomm_testing.all_reduce, x, g.group_name)
 
 
 def test_a_plain_all_reduce_of_different_sizes_fails_on_every_rank():
@@ -379,6 +379,6 @@ def test_a_plain_all_reduce_of_different_sizes_fails_on_every_rank():
     finally:
         pool.close()
     for msg in messages:
-        assert msg.startswith("_all_reduce_for_testing: collective on group"), msg
+        assert msg.startswith("flashcomm_testing::all_reduce: collective on group"), msg
         assert "step 1 differs between ranks" in msg, msg
         assert "65536 bytes" in msg and "98304 bytes" in msg, msg

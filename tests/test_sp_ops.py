@@ -6,7 +6,6 @@ ownership, fails."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -45,12 +44,12 @@ def _valid_rows(n: int, sp_threshold: int) -> tuple[int, int]:
 
 
 def _run(op: str, fn, *args):
-    os.environ["FLASHCOMM_DEBUG_POISON"] = "1"
+    torch.ops.flashcomm_testing.set_debug_poison(True)  # FLASHCOMM_DEBUG_POISON=1
     flashcomm.reset_stats()
     try:
         return fn(*args), flashcomm.stats()[op]
     finally:
-        os.environ.pop("FLASHCOMM_DEBUG_POISON", None)
+        torch.ops.flashcomm_testing.set_debug_poison(False)
 
 
 def _row_on_rank(x_full, w_full, b, sp_threshold, w8a8):

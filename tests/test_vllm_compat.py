@@ -2,8 +2,10 @@
 refused, FLASHCOMM_VLLM_ALLOW_UNTESTED=1 lets it run with a warning), a missing vLLM
 symbol or configuration field is a refusal, and the fusion-pass check fails closed.
 
-The plugin runs in subprocesses (register() patches vLLM's model loader process-wide);
-the other checks call _compat and check_config directly. Skipped when vLLM is not
+The plugin runs in subprocesses (register() patches vLLM's model loader process-wide), its
+start-up check (``check_settings``, what ``EngineArgs.create_engine_config`` runs in the
+process that starts the engine) as vLLM calls it; the other checks call _compat and
+check_config directly. Skipped when vLLM is not
 importable."""
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ pytestmark = requires_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Patches _compat as argv[1] says, then runs the plugin's entry point as vLLM would.
+# Patches _compat as argv[1] says, runs the plugin's entry point as vLLM would, then the
+# start-up check vLLM's create_engine_config runs (the plugin's hook), with argv[2] as
+# additional_config (JSON).
 REGISTER = r"""
-import sys
+import json, sys
 from flashcomm.vllm import _compat, plugin
 what = sys.argv[1]
 if what == "version":
@@ -34,15 +38,18 @@ elif what == "symbol":
     module, _ = _compat.SYMBOLS["RowParallelLinear"]
     _compat.SYMBOLS["RowParallelLinear"] = (module, "RowParallelLinearRenamed")
 plugin.register()
+from vllm.engine.arg_utils import EngineArgs
+assert EngineArgs.create_engine_config._flashcomm_wrapped
+plugin.check_settings(json.loads(sys.argv[2]))
 print("REGISTERED", plugin._REGISTERED)
 """
 
 
-def _register(what: str, **env: str) -> subprocess.CompletedProcess:
+def _register(what: str, config: str = "{}", **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "FLASHCOMM_VLLM_ALLOW_UNTESTED"}
     full.update(FLASHCOMM_ENABLE="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]), **env)
-    return subprocess.run([sys.executable, "-c", REGISTER, what], capture_output=True,
+    return subprocess.run([sys.executable, "-c", REGISTER, what, config], capture_output=True,
                           text=True, timeout=600, env=full)
 
 
@@ -94,6 +101,11 @@ def test_plugin_runs_untested_version_with_override():
     assert proc.returncode == 0 and "REGISTERED True" in proc.stdout, \
         proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "not a version flashcomm was tested with" in proc.stderr, proc.stderr[-3000:]
+    # The same override from --additional-config (the variable says no).
+    proc = _register("version", '{"flashcomm": {"allow_untested": true}}',
+                     FLASHCOMM_VLLM_ALLOW_UNTESTED="0")
+    assert proc.returncode == 0 and "REGISTERED True" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_plugin_refuses_when_a_vllm_symbol_is_missing():

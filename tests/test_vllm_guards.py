@@ -13,8 +13,8 @@ the installed vLLM's own objects (no engine is started):
   ``fc_input_scale``, ...) and every layer's output equal to a fresh load of the new
   checkpoint (rank pool, tp = 2, vLLM's TP group over gloo).
 * The c10d group name the converted layers bake into the compiled graph is part of
-  ``additional_config["flashcomm"]``, so it changes vLLM's compile cache key
-  (``VllmConfig.compute_hash``).
+  ``additional_config["flashcomm"]["_conversion"]``, so it changes vLLM's compile cache
+  key (``VllmConfig.compute_hash``); the user's settings beside it stay as given.
 * A model loader that builds its model without ``BaseModelLoader.create_model``
   (TensorizerLoader, the weight-cache IpcModelLoader, an out-of-tree loader) is
   reported with a warning that names it (subprocess: the plugin patches vLLM's loader
@@ -159,7 +159,7 @@ def _convert_under_cudagraphs(path: str, sizes: list[int], requested: int) -> di
     layers.convert_model(model, cfg, requested, gemm="engine")
     return {"layers": sorted({m._fc_state.sp_threshold for m in model.modules()
                               if getattr(m, "_fc_state", None) is not None}),
-            "record": cfg.additional_config["flashcomm"]}
+            "record": cfg.additional_config["flashcomm"]["_conversion"]}
 
 
 def test_converted_layers_get_the_raised_threshold(llama, vllm_ranks):
@@ -295,7 +295,8 @@ def _reload_case(first: str, second: str) -> dict:
         "stale": sorted(f"{n}.{k}" for n in after for k in after[n]
                         if not torch.equal(after[n][k], fresh[n][k])),
         "unchanged": sorted(n for n in after if torch.equal(after[n]["out"], before[n]["out"])),
-        "record": cfg.additional_config.get("flashcomm", {}), "group": group}
+        "record": cfg.additional_config.get("flashcomm", {}).get("_conversion", {}),
+        "group": group}
 
 
 @pytest.mark.parametrize("case", RELOAD_CASES, ids=[c[0] for c in RELOAD_CASES])
@@ -319,13 +320,18 @@ def test_reload_derives_flashcomm_buffers(tmp_path, vllm_ranks, case):
 def test_group_name_enters_the_compile_cache_key(llama):
     from flashcomm.vllm.layers import record_conversion
 
-    cfg = _vllm_config(llama)
+    user = {"enable": True, "sp_threshold": 1000, "gemm": "auto"}  # --additional-config
+    cfg = _vllm_config(llama, additional_config={"flashcomm": user})
     base = {"sp_threshold": 16, "threshold": -1, "gemm": "engine", "transport": "shm",
             "all_reduce": "", "version": "x"}
     hashes = []
     for group in ("0", "7"):
         record_conversion(cfg, {**base, "group": group})
-        assert cfg.additional_config["flashcomm"]["group"] == group
+        assert cfg.additional_config["flashcomm"]["_conversion"]["group"] == group
+        # The user's keys stay as given (and their dict unchanged), beside the record.
+        assert {k: v for k, v in cfg.additional_config["flashcomm"].items()
+                if k != "_conversion"} == user == {"enable": True, "sp_threshold": 1000,
+                                                   "gemm": "auto"}
         hashes.append(cfg.compute_hash())
     assert hashes[0] != hashes[1]
     record_conversion(cfg, {**base, "group": "0"})

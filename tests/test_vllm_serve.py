@@ -1,7 +1,15 @@
 """The README's serving command, run as a user runs it: ``flashcomm serve MODEL
---tensor-parallel-size 2`` (vLLM's OpenAI-compatible server, ``vllm serve``, with
-flashcomm's plugin enabled), compared with the same server started without flashcomm
-(``FLASHCOMM_ENABLE=0 flashcomm serve ...``).
+--tensor-parallel-size 2 --additional-config '{"flashcomm": {...}}'`` (vLLM's
+OpenAI-compatible server, ``vllm serve``, with flashcomm's plugin), compared with the same
+server started without flashcomm (``FLASHCOMM_ENABLE=0 flashcomm serve ...``).
+
+The server with flashcomm takes every flashcomm setting from ``--additional-config``
+(``enable``, ``sp_threshold``, ``stats_file``, ``stats_interval``, ``transport``) while
+its environment says otherwise (``FLASHCOMM_ENABLE=0``, ``FLASHCOMM_SP_THRESHOLD`` far
+above every prompt): the config wins, which the ``flashcomm: active`` lines, the stats
+documents and the counters of both modes show. A bad setting fails start-up in the API
+server, before any engine process starts, with an error naming the key
+(:func:`test_bad_setting_fails_start_up_naming_the_key`, no model needed).
 
 Each server is a subprocess in its own session, on a free loopback port, with vLLM's
 default compilation (Inductor; no ``VLLM_CPU_CI_ENV``), the tiny float32 Qwen3
@@ -49,6 +57,9 @@ REQUEST_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 60
 STATS_INTERVAL_S = 1
 SERVED_NAME = "tiny"
+# The environment's threshold, which --additional-config's overrides: above every prompt
+# here, so no forward would run sharded if the variable were read.
+ENV_SP_THRESHOLD = 100 * SP_THRESHOLD
 MARKER = "FLASHCOMM_TEST_SERVER_ID"
 
 
@@ -86,6 +97,7 @@ class Server:
     process behind (SIGINT, then SIGKILL of whatever still carries its marker)."""
 
     def __init__(self, tmp: Path, model: Path, enable: bool) -> None:
+        # flashcomm's settings: from --additional-config, against the environment.
         self.name = "on" if enable else "off"
         self.port = _free_port()
         self.marker = uuid.uuid4().hex
@@ -95,9 +107,12 @@ class Server:
             str(model), "--tensor-parallel-size", "2", "--dtype", "float32",
             "--skip-tokenizer-init", "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0"]
-        self.env = vllm_env(tmp, enable, 2, "inductor", CPU_VIEW)
-        self.env.update({MARKER: self.marker, "FLASHCOMM_STATS_FILE": str(self.stats_prefix),
-                         "FLASHCOMM_STATS_INTERVAL": str(STATS_INTERVAL_S)})
+        self.env = vllm_env(tmp, False, 2, "inductor", CPU_VIEW)
+        self.env.update({MARKER: self.marker, "FLASHCOMM_SP_THRESHOLD": str(ENV_SP_THRESHOLD)})
+        if enable:
+            self.cmd += ["--additional-config", json.dumps({"flashcomm": {
+                "enable": True, "sp_threshold": SP_THRESHOLD, "transport": "shm",
+                "stats_file": str(self.stats_prefix), "stats_interval": STATS_INTERVAL_S}})]
         self.proc: subprocess.Popen | None = None
         self.stop_s: float | None = None
         self.shm_removed: list[str] = []
@@ -239,6 +254,8 @@ def test_flashcomm_serve_matches_vllm_alone(tmp_path):
             for rank in (0, 1):
                 assert any(f"TP rank {rank}/2" in line and "INFO" in line for line in active), \
                     active
+            for line in active:  # the settings of --additional-config took effect
+                assert f"sp_threshold={SP_THRESHOLD} " in line and "transport shm" in line, line
             assert "refusing" not in log, log[-6000:]
         else:
             assert not active, active
@@ -258,3 +275,29 @@ def test_serve_help_reaches_vllm_cli():
     assert "usage: flashcomm serve MODEL" in proc.stdout, proc.stdout[:2000]
     assert "usage: vllm serve" in proc.stdout and "ParallelConfig" in proc.stdout, \
         proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_bad_setting_fails_start_up_naming_the_key(tmp_path):
+    """A bad value in --additional-config stops ``flashcomm serve`` in the API server
+    process, before vLLM builds its configuration (the model directory is empty: nothing
+    reads it) or starts an engine; a misspelt key is a warning naming the valid one."""
+    model = tmp_path / "model"
+    model.mkdir()
+    env = vllm_env(tmp_path, True, 2, "eager", CPU_VIEW)
+    env[MARKER] = uuid.uuid4().hex
+    config = {"flashcomm": {"enable": True, "sp_threshold": "lots", "stats_fle": "x"}}
+    t0 = time.time()
+    proc = subprocess.run(serve_command() + [str(model), "--additional-config",
+                                             json.dumps(config)],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          start_new_session=True)
+    seconds = time.time() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert ('flashcomm: additional_config["flashcomm"]["sp_threshold"] must be \'auto\' or '
+            "an integer >= 0, got 'lots'") in out, out[-3000:]
+    assert ("unknown key 'stats_fle' in additional_config[\"flashcomm\"] is ignored; did "
+            "you mean 'stats_file'?") in out, out[-3000:]
+    assert "Initializing a V1 LLM engine" not in out and "EngineCore" not in out, out[-3000:]
+    assert not processes_with(env[MARKER])
+    print(f"\nflashcomm serve with a bad setting exited after {seconds:.1f} s", file=sys.stderr)

@@ -15,6 +15,7 @@
 #include "comm/c10d_compat.h"
 #include "comm/c10d_transport.h"
 #include "comm/shm_transport.h"
+#include "core/settings.h"
 
 namespace flashcomm::comm {
 
@@ -29,14 +30,17 @@ struct AllReduceProvider {
 };
 
 bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '1';
+  try {
+    return core::settings::env_bool(name, false);
+  } catch (const core::settings::SettingError& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 TransportKind env_transport() {
-  const char* v = std::getenv("FLASHCOMM_TRANSPORT");
-  if (v == nullptr || v[0] == '\0') return TransportKind::kAuto;
-  return parse_transport_kind(v, "FLASHCOMM_TRANSPORT");
+  const std::optional<std::string> v = core::settings::raw("FLASHCOMM_TRANSPORT");
+  if (!v) return TransportKind::kAuto;
+  return parse_transport_kind(core::settings::lower(*v), "FLASHCOMM_TRANSPORT");
 }
 
 std::atomic<bool> g_capturing_for_testing{false};
@@ -131,12 +135,14 @@ Group make_group(ProcessGroupPtr pg, std::string name, const char* op) {
 }
 
 DebugThrow debug_throw_from_env() {
-  const char* v = std::getenv("FLASHCOMM_DEBUG_THROW");
-  if (v == nullptr || v[0] == '\0') return DebugThrow::kNone;
-  const std::string text(v);
-  if (text == "gemm") return DebugThrow::kGemm;
-  if (text == "sum") return DebugThrow::kSum;
-  TORCH_CHECK(false, "FLASHCOMM_DEBUG_THROW (test-only) must be 'gemm' or 'sum', got '", v, "'");
+  std::optional<size_t> word;
+  try {
+    word = core::settings::env_word("FLASHCOMM_DEBUG_THROW", {"gemm", "sum"});
+  } catch (const core::settings::SettingError& e) {
+    TORCH_CHECK(false, e.what(), " (a test-only hook)");
+  }
+  if (!word) return DebugThrow::kNone;
+  return *word == 0 ? DebugThrow::kGemm : DebugThrow::kSum;
 }
 
 void debug_throw_if(DebugThrow configured, DebugThrow at) {

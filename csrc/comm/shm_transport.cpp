@@ -27,6 +27,7 @@
 #include "comm/c10d_transport.h"
 #include "comm/fingerprint.h"
 #include "core/agreement.h"
+#include "core/settings.h"
 #include "core/shm/channel.h"
 #include "core/stats.h"
 #include "kernels/cpu/reduce.h"
@@ -37,18 +38,19 @@ namespace shm = core::shm;
 
 namespace {
 
-// The integer value of environment variable `name`, `fallback` when unset or empty; anything
-// but a decimal integer in [lo, hi] is an error naming the variable and `expected`.
+// A setting of the environment (core/settings.h); its error as this library's (c10::Error).
+template <typename F>
+auto checked(F read) -> decltype(read()) {
+  try {
+    return read();
+  } catch (const core::settings::SettingError& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
 int64_t int_from_env(const char* name, int64_t fallback, int64_t lo, int64_t hi,
                      const char* expected) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return fallback;
-  char* end = nullptr;
-  errno = 0;
-  const long long value = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && errno == 0 && value >= lo && value <= hi, name,
-              " must be ", expected, " (an integer in [", lo, ", ", hi, "]), got '", v, "'");
-  return value;
+  return checked([&] { return core::settings::env_int(name, fallback, lo, hi, expected); });
 }
 
 }  // namespace
@@ -77,18 +79,18 @@ ShmSettings ShmSettings::from_env() {
   s.overlap = shm_overlap_from_env();
   s.yield_us = shm_yield_us_from_env();
   s.debug_throw = debug_throw_from_env();
+  s.debug_unmappable =
+      checked([] { return core::settings::env_bool("FLASHCOMM_DEBUG_SHM_UNMAPPABLE", false); });
+  s.debug_die_after_create = checked(
+      [] { return core::settings::env_bool("FLASHCOMM_DEBUG_SHM_DIE_AFTER_CREATE", false); });
   return s;
 }
 
 ShmOverlap shm_overlap_from_env() {
-  const char* v = std::getenv("FLASHCOMM_SHM_OVERLAP");
-  if (v == nullptr || v[0] == '\0') return ShmOverlap::kAuto;
-  const std::string text(v);
-  if (text == "auto") return ShmOverlap::kAuto;
-  if (text == "1" || text == "on") return ShmOverlap::kOn;
-  if (text == "0" || text == "off") return ShmOverlap::kOff;
-  TORCH_CHECK(false, "FLASHCOMM_SHM_OVERLAP must be 'auto', 'on' (1) or 'off' (0), got '", v,
-              "'");
+  const std::optional<bool> on =
+      checked([] { return core::settings::env_auto_bool("FLASHCOMM_SHM_OVERLAP"); });
+  if (!on) return ShmOverlap::kAuto;
+  return *on ? ShmOverlap::kOn : ShmOverlap::kOff;
 }
 
 int64_t two_shot_threshold(int64_t setting, int64_t tp) {
@@ -790,8 +792,7 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
     why = e.what();
   }
   // Test-only hook: this rank dies (SIGKILL) holding a segment that is not unlinked yet.
-  if (const char* die = std::getenv("FLASHCOMM_DEBUG_SHM_DIE_AFTER_CREATE");
-      channel != nullptr && die != nullptr && die[0] == '1') {
+  if (channel != nullptr && settings.debug_die_after_create) {
     ::raise(SIGKILL);
   }
   const std::vector<int64_t> tokens = exchange_over_process_group(
@@ -811,8 +812,7 @@ std::unique_ptr<Transport> try_make_shm_transport(const Group& g, const at::Devi
   try {
     // Debug hook (tests of the fallback): this rank behaves as if it could not map
     // its peers' segments, e.g. ranks in containers that do not share /dev/shm.
-    const char* simulate = std::getenv("FLASHCOMM_DEBUG_SHM_UNMAPPABLE");
-    if (simulate != nullptr && simulate[0] == '1') {
+    if (settings.debug_unmappable) {
       throw shm::ShmError(shm::ShmError::Kind::kSetup, -1,
                           "cannot map the peers' segments (simulated by "
                           "FLASHCOMM_DEBUG_SHM_UNMAPPABLE=1)");

@@ -41,7 +41,8 @@ int64_t two_shot_threshold(int64_t setting, int64_t tp);
 // the CPUs this rank shares with its peers outnumber the GEMM threads they all run (a core
 // left for the helper), e.g. ranks bound to 8 cores each with 7 intra-op threads.
 enum class ShmOverlap : int { kAuto = 0, kOn = 1, kOff = 2 };
-// FLASHCOMM_SHM_OVERLAP = auto (unset) | on | off; an error names the variable otherwise.
+// FLASHCOMM_SHM_OVERLAP = auto (unset) or a boolean (core/settings.h); an error names the
+// variable otherwise.
 ShmOverlap shm_overlap_from_env();
 
 // How long a waiting rank spins and yields before it sleeps, in µs, when
@@ -60,6 +61,8 @@ struct ShmSettings {
   ShmOverlap overlap = ShmOverlap::kAuto;     // FLASHCOMM_SHM_OVERLAP (local)
   int64_t yield_us = kDefaultYieldUs;         // FLASHCOMM_SHM_YIELD_US (local)
   DebugThrow debug_throw = DebugThrow::kNone;  // FLASHCOMM_DEBUG_THROW (local, tests only)
+  bool debug_unmappable = false;      // FLASHCOMM_DEBUG_SHM_UNMAPPABLE (local, tests only)
+  bool debug_die_after_create = false;  // FLASHCOMM_DEBUG_SHM_DIE_AFTER_CREATE (tests only)
   static ShmSettings from_env();
 };
 

@@ -1,5 +1,7 @@
 #include "core/policy.h"
 
+#include "core/settings.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
@@ -92,12 +94,7 @@ namespace {
 std::atomic<int> g_bitwise_modes{-1};
 
 int bitwise_modes_from_env() {
-  const char* v = std::getenv("FLASHCOMM_BITWISE_MODES");
-  if (v == nullptr || v[0] == '\0') return kDefaultBitwiseModes ? 1 : 0;
-  const std::string text(v);
-  if (text == "0") return 0;
-  if (text == "1") return 1;
-  throw std::invalid_argument("FLASHCOMM_BITWISE_MODES must be '0' or '1', got '" + text + "'");
+  return settings::env_bool("FLASHCOMM_BITWISE_MODES", kDefaultBitwiseModes) ? 1 : 0;
 }
 }  // namespace
 

@@ -87,6 +87,7 @@ std::string transport_op(const std::string& group_name);
 std::string all_reduce_provider_op(const std::string& group_name);
 void set_capturing_for_testing_op(bool capturing);
 void all_reduce_for_testing_op(const at::Tensor& t, const std::string& group_name);
+void set_debug_poison_for_testing_op(bool on);
 
 // The policy and shard arithmetic of csrc/core, for Python (one source of each rule).
 std::string version_op();

@@ -108,7 +108,7 @@ void set_capturing_for_testing_op(bool capturing) {
 }
 
 void all_reduce_for_testing_op(const at::Tensor& t, const std::string& group_name) {
-  constexpr const char* kOp = "_all_reduce_for_testing";
+  constexpr const char* kOp = "flashcomm_testing::all_reduce";
   TORCH_CHECK(t.is_contiguous(), kOp, ": t must be contiguous");
   const comm::Group g = comm::resolve(group_name, kOp);
   comm::ensure_ready(g, kOp, t.device(), {});

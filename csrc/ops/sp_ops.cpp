@@ -10,12 +10,14 @@
 // shape depends on it: one compiled graph serves every n.
 #include <flashcomm/flashcomm.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 
 #include "comm/comm.h"
 #include "core/policy.h"
+#include "core/settings.h"
 #include "core/shard.h"
 #include "core/stats.h"
 #include "ops/checks.h"
@@ -52,10 +54,22 @@ ModeCall decide_mode(OpId op, const GroupPtr& pg, const at::Device& device, int6
 }
 
 // Debug switch: don't-care rows become NaN, so a consumer that reads them
-// poisons the result. Read per call so tests can toggle it.
+// poisons the result. FLASHCOMM_DEBUG_POISON is read at the first call of a process
+// (-1: not read yet); the test hook flashcomm_testing::set_debug_poison overrides it.
+std::atomic<int> g_poison{-1};
+
 bool poison_enabled() {
-  const char* v = std::getenv("FLASHCOMM_DEBUG_POISON");
-  return v != nullptr && v[0] == '1';
+  int v = g_poison.load(std::memory_order_relaxed);
+  if (v < 0) {
+    try {
+      v = core::settings::env_bool("FLASHCOMM_DEBUG_POISON", false) ? 1 : 0;
+    } catch (const core::settings::SettingError& e) {
+      TORCH_CHECK(false, e.what());
+    }
+    int expected = -1;
+    if (!g_poison.compare_exchange_strong(expected, v)) v = expected;
+  }
+  return v == 1;
 }
 
 void poison_outside(at::Tensor& t, RowRange valid) {
@@ -443,6 +457,10 @@ at::Tensor sp_gather_meta(const at::Tensor& x, const GroupPtr&, int64_t, bool) {
 
 void sp_gather_meta_(at::Tensor& x, const GroupPtr&, int64_t, bool) {
   check_partial_inplace("sp_gather_", x, "x");
+}
+
+void set_debug_poison_for_testing_op(bool on) {
+  g_poison.store(on ? 1 : 0, std::memory_order_relaxed);
 }
 
 }  // namespace ops

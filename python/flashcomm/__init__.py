@@ -44,6 +44,9 @@ from .sp import (
 )
 
 from .weights import prepare_linear
+from . import settings
+
+settings.warn_unknown_env()  # a misspelt FLASHCOMM_* variable: once per process
 
 __version__: str = library_version()
 

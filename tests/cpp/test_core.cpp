@@ -1,13 +1,16 @@
-// GoogleTest of the torch-free core: shard arithmetic, chunk plans, policy and
-// counters.
+// GoogleTest of the torch-free core: shard arithmetic, chunk plans, policy, counters and
+// the settings grammar.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
 
 #include "core/agreement.h"
 #include "core/policy.h"
+#include "core/settings.h"
 #include "core/shard.h"
 #include "core/stats.h"
 
@@ -206,4 +209,86 @@ TEST(Agreement, GlobalSettingsTrackConfigAndTable) {
   EXPECT_GE(stable_hash("x"), 0);
   EXPECT_EQ(stable_hash("flashcomm"), stable_hash("flashcomm"));
   ThresholdTable::instance().clear();
+}
+
+// The settings grammar (core/settings.h; python/flashcomm/settings.py is its twin): exactly
+// the boolean words in any case, bounded decimal integers, words; everything else is an
+// error naming the variable, the accepted values and the value.
+namespace {
+
+std::string error_of(void (*read)()) {
+  try {
+    read();
+  } catch (const settings::SettingError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Sets a variable for the lifetime of the object.
+struct EnvVar {
+  const char* name;
+  EnvVar(const char* n, const char* value) : name(n) { setenv(n, value, 1); }
+  ~EnvVar() { unsetenv(name); }
+};
+
+}  // namespace
+
+TEST(Settings, BooleansAreExactlyTheEightWordsInAnyCase) {
+  for (const char* on : {"1", "true", "TRUE", "Yes", "on", " On "}) {
+    EXPECT_TRUE(settings::parse_bool("FLASHCOMM_X", on)) << on;
+  }
+  for (const char* off : {"0", "false", "False", "NO", "off", "OFF"}) {
+    EXPECT_FALSE(settings::parse_bool("FLASHCOMM_X", off)) << off;
+  }
+  for (const char* bad : {"y", "2", "10", "enable", "truee", "-1", "o"}) {
+    EXPECT_FALSE(settings::bool_word(bad).has_value()) << bad;
+    try {
+      settings::parse_bool("FLASHCOMM_X", bad);
+      ADD_FAILURE() << bad << " parsed";
+    } catch (const settings::SettingError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("FLASHCOMM_X must be a boolean: 1/0, true/false, yes/no or on/off"),
+                std::string::npos)
+          << msg;
+      EXPECT_NE(msg.find(std::string("got '") + bad + "'"), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(Settings, UnsetOrBlankIsTheDefault) {
+  unsetenv("FC_GTEST_SETTING");
+  EXPECT_TRUE(settings::env_bool("FC_GTEST_SETTING", true));
+  EXPECT_EQ(settings::env_int("FC_GTEST_SETTING", 7, 0, 10, "n"), 7);
+  EXPECT_FALSE(settings::env_auto_bool("FC_GTEST_SETTING").has_value());
+  EnvVar blank("FC_GTEST_SETTING", "  ");
+  EXPECT_FALSE(settings::env_bool("FC_GTEST_SETTING", false));
+  EXPECT_FALSE(settings::env_word("FC_GTEST_SETTING", {"a"}).has_value());
+}
+
+TEST(Settings, IntegersAreDecimalAndBounded) {
+  EXPECT_EQ(settings::parse_int("V", "42", 0, 100, "a count"), 42);
+  EXPECT_EQ(settings::parse_int("V", " -1 ", -1, 100, "a count"), -1);
+  for (const char* bad : {"", "5ms", "0x10", "1e3", "101", "-2", "99999999999999999999", "4 2"}) {
+    try {
+      settings::parse_int("V", bad, -1, 100, "a count");
+      ADD_FAILURE() << bad << " parsed";
+    } catch (const settings::SettingError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                std::string("V must be a count (an integer in [-1, 100]), got '") + bad + "'");
+    }
+  }
+}
+
+TEST(Settings, WordsAndAutoBooleans) {
+  EXPECT_EQ(settings::parse_word("V", "SUM", {"gemm", "sum"}), 1u);
+  EXPECT_FALSE(settings::parse_auto_bool("V", "Auto").has_value());
+  EXPECT_EQ(settings::parse_auto_bool("V", "off"), std::optional<bool>(false));
+  EXPECT_EQ(settings::parse_auto_bool("V", "yes"), std::optional<bool>(true));
+  EnvVar bad_word("FC_GTEST_SETTING", "gem");
+  EXPECT_EQ(error_of([] { settings::env_word("FC_GTEST_SETTING", {"gemm", "sum"}); }),
+            "FC_GTEST_SETTING must be one of 'gemm', 'sum', got 'gem'");
+  EXPECT_NE(error_of([] { settings::env_auto_bool("FC_GTEST_SETTING"); })
+                .find("must be 'auto' or a boolean"),
+            std::string::npos);
 }

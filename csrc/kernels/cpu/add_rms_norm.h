@@ -41,7 +41,8 @@ struct AddRmsNormArgs {
 // each other.
 // Parallel over rows with at::parallel_for. The AVX512 copy converts bf16 with
 // the AVX512-BF16 instructions where the CPU has them (bitwise the same
-// results); FLASHCOMM_DISABLE_AVX512_BF16=1 makes it use AVX512 alone.
+// results); ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes it use AVX512 alone
+// (kernels::cpu_has).
 using AddRmsNormFn = void(const AddRmsNormArgs& args);
 extern KernelTable<AddRmsNormFn> add_rms_norm_kernel;
 

@@ -1,11 +1,12 @@
 """vLLM integration of flashcomm (optional extra ``flashcomm[vllm]``).
 
 * :mod:`flashcomm.vllm.plugin`: the vLLM general plugin (entry point group
-  ``vllm.general_plugins``). With ``FLASHCOMM_ENABLE=1`` it makes vLLM's parallel
+  ``vllm.general_plugins``). With ``--additional-config '{"flashcomm": {"enable": true}}'``
+  (or ``FLASHCOMM_ENABLE=1``) it makes vLLM's parallel
   linear layers and boundary RMSNorms of supported dense decoders (Llama, Mistral,
   Qwen2, Qwen3; FP and compressed-tensors W8A8 int8) run through flashcomm's
-  layout-invariant ops, with no change to vLLM's model code. Threshold:
-  ``FLASHCOMM_SP_THRESHOLD`` (tokens per forward, default 1000).
+  layout-invariant ops, with no change to vLLM's model code. Settings:
+  :func:`flashcomm.vllm.plugin.resolve_settings` (table: :mod:`flashcomm.settings`).
 * :mod:`flashcomm.vllm.linear_method`: LinearMethod wrappers calling the compact ops
   (``gemm_rs`` / ``ag_gemm``) for users who write their own sequence-parallel models,
   and :func:`enable_flashcomm_on_model`.

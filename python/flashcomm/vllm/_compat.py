@@ -12,9 +12,10 @@ that is a stable API. So:
   one it was tested with is missing (a renamed pass must not switch the check off).
 * :data:`REFUSED_PARALLELISM` / :data:`REFUSED_FEATURES`: the configuration fields whose
   use flashcomm refuses, read through :func:`attribute` (missing = refusal).
-* :func:`check_vllm_version`: with ``FLASHCOMM_ENABLE=1`` on a vLLM version not in
-  :data:`TESTED_VLLM_VERSIONS` the plugin refuses, unless
-  ``FLASHCOMM_VLLM_ALLOW_UNTESTED=1`` (then it logs a warning and goes on).
+* :func:`check_vllm_version`: with flashcomm enabled on a vLLM version not in
+  :data:`TESTED_VLLM_VERSIONS` the plugin refuses, unless the ``allow_untested``
+  setting (``FLASHCOMM_VLLM_ALLOW_UNTESTED=1``) is on (then it logs a warning and goes
+  on).
 
 This module imports nothing from vLLM until a function asks for a symbol.
 """
@@ -23,15 +24,17 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import types
-from typing import Any
+from typing import Any, Optional
+
+from flashcomm import settings
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 ENV_ALLOW_UNTESTED = "FLASHCOMM_VLLM_ALLOW_UNTESTED"
 
 DISABLE_HINT = ("To run this model without flashcomm, unset FLASHCOMM_ENABLE (or set "
-                "FLASHCOMM_ENABLE=0).")
+                "FLASHCOMM_ENABLE=0) and drop \"enable\": true from --additional-config's "
+                "\"flashcomm\" object.")
 
 # name -> (module, attribute). Private names (a leading underscore) are vLLM's or torch's
 # internals: the first thing to check on a new version.
@@ -130,23 +133,24 @@ def tested_version() -> str:
     return version if version in TESTED_VLLM_VERSIONS else TESTED_VLLM_VERSIONS[-1]
 
 
-def _allow_untested() -> bool:
-    return os.environ.get(ENV_ALLOW_UNTESTED, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_vllm_version() -> None:
-    """Refuses an untested vLLM version, unless ``FLASHCOMM_VLLM_ALLOW_UNTESTED=1``
-    (then logs a warning)."""
+def check_vllm_version(allow_untested: Optional[bool] = None) -> None:
+    """Refuses an untested vLLM version, unless ``allow_untested`` (None: the
+    ``FLASHCOMM_VLLM_ALLOW_UNTESTED`` variable; the plugin passes its resolved setting,
+    ``additional_config`` first) is on: then logs a warning."""
     version = installed_vllm_version()
     if version in TESTED_VLLM_VERSIONS:
         return
     tested = ", ".join(TESTED_VLLM_VERSIONS)
-    if not _allow_untested():
+    if allow_untested is None:
+        allow_untested = bool(settings.setting(ENV_ALLOW_UNTESTED).from_env())
+    if not allow_untested:
         raise refuse(f"vLLM {version} is not a version flashcomm was tested with ({tested}); "
-                     f"its internals may differ. Set {ENV_ALLOW_UNTESTED}=1 to try it anyway")
+                     f"its internals may differ. Set {ENV_ALLOW_UNTESTED}=1 (or "
+                     f"\"allow_untested\": true in --additional-config's \"flashcomm\") to "
+                     f"try it anyway")
     logger.warning("flashcomm: vLLM %s is not a version flashcomm was tested with (%s); "
-                   "going on because %s=1. Missing vLLM symbols still refuse.", version,
-                   tested, ENV_ALLOW_UNTESTED)
+                   "going on because allow_untested (%s) is on. Missing vLLM symbols still "
+                   "refuse.", version, tested, ENV_ALLOW_UNTESTED)
 
 
 def symbol(name: str) -> Any:

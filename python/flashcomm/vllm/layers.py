@@ -25,7 +25,6 @@ per-channel scales) instead of vLLM's CPU repack (which drops ``layer.weight``).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 import flashcomm  # noqa: F401  (loads the op library)
+from flashcomm import settings
 
 from . import _compat
 from ._compat import DISABLE_HINT, FlashcommUnsupportedError, refuse  # noqa: F401
@@ -499,14 +499,18 @@ def effective_sp_threshold(vllm_config: Any, sp_threshold: int) -> int:
 def record_conversion(vllm_config: Any, record: dict[str, Any]) -> None:
     """Store ``record`` (the settings baked into the converted layers, which the
     compiled graph depends on: the c10d group name, thresholds, GEMM form, transport,
-    all-reduce provider, version) as ``vllm_config.additional_config["flashcomm"]``,
-    which vLLM hashes into its compile cache key (``VllmConfig.compute_hash``)."""
+    all-reduce provider, version) as
+    ``vllm_config.additional_config["flashcomm"]["_conversion"]``, which vLLM hashes into
+    its compile cache key (``VllmConfig.compute_hash``). The user's settings beside it
+    stay as they are (the dict holding them is copied, not changed)."""
     extra = _compat.attribute(vllm_config, "additional_config")
     if not isinstance(extra, dict):
         raise refuse(f"vLLM's additional_config is a {type(extra).__name__}, not a dict: "
                      f"flashcomm records the settings its compiled layers depend on "
                      f"there, so that they enter vLLM's compile cache key")
-    extra["flashcomm"] = dict(record)
+    section = extra.get(settings.CONFIG_KEY)
+    user = dict(section) if isinstance(section, dict) else {}
+    extra[settings.CONFIG_KEY] = {**user, settings.RECORD_KEY: dict(record)}
 
 
 GEMM_FORMS = ("auto", "engine", "flashcomm")
@@ -548,7 +552,7 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
     requested_sp_threshold = int(sp_threshold)
     sp_threshold = effective_sp_threshold(vllm_config, requested_sp_threshold)
     w8a8 = any(kind == "w8a8" for _, _, _, kind in plan.values())
-    form = resolve_gemm_form(gemm or os.environ.get("FLASHCOMM_VLLM_GEMM", "auto"),
+    form = resolve_gemm_form(gemm or str(settings.setting("gemm").from_env()),
                              str(_compat.symbol("current_platform").device_type), w8a8)
     engine = form == "engine"
     gname = group.device_group.group_name

@@ -1,44 +1,45 @@
-"""vLLM general plugin: ``FLASHCOMM_ENABLE=1`` turns flashcomm on for supported models.
+"""vLLM general plugin: flashcomm for supported models, configured like vLLM plugins are.
 
 Entry point (pyproject): ``[project.entry-points."vllm.general_plugins"]
 flashcomm = "flashcomm.vllm.plugin:register"``. vLLM calls :func:`register` in every
 process (API server / ``LLM``, engine core, each worker) before distributed init and
-before the model is built. Without ``FLASHCOMM_ENABLE=1`` it does nothing (and imports
-nothing from vLLM).
+before the model is built, and before its configuration exists in some of them. So
+:func:`register` decides nothing: it hooks the two places where vLLM's configuration is
+in hand, each as soon as vLLM imports its module (it imports no vLLM module itself):
 
-Environment:
+* ``EngineArgs.create_engine_config`` (the API server / ``LLM`` process, before the
+  engine starts any process): :func:`check_settings` -- a bad setting, an untested vLLM
+  version or a missing vLLM symbol fails start-up there, naming the key or variable.
+* ``BaseModelLoader.create_model`` (each worker, after the model is built and before its
+  weights load): with flashcomm enabled, registers flashcomm's subclasses of vLLM's
+  parallel linear layers and RMSNorm under the original names
+  (``PluggableLayer.register_oot`` / ``CustomOp.register_oot``), builds the model, and
+  :func:`flashcomm.vllm.layers.convert_model` validates the configuration and the model
+  (refusing unsupported ones with a message) and activates the boundary layers. Loaders
+  that build the model without ``create_model`` (TensorizerLoader, the weight-cache
+  IpcModelLoader) are not converted: ``load_model`` of every loader class (those defined
+  later too) is wrapped to log a WARNING starting ``flashcomm: NOT active`` that names the
+  loader when flashcomm is enabled and the model it returns was not converted.
 
-* ``FLASHCOMM_ENABLE=1``: enable (``0`` / unset: off, vLLM unchanged).
-* ``FLASHCOMM_SP_THRESHOLD`` (default ``flashcomm.DEFAULT_SP_THRESHOLD``): forwards with more
-  tokens than this run
-  sequence-parallel (sharded); the others run as plain TP (replicated).
-* ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
-* ``FLASHCOMM_VLLM_ALL_REDUCE`` (default: auto): ``1``: the replicated path all-reduces
-  through vLLM's own communicator (``vllm::all_reduce``: custom all-reduce / pynccl on
-  CUDA, shared memory on CPU); ``0``: through flashcomm's transport for the group. Auto:
-  flashcomm's when its transport is shared memory (measured faster than vLLM's on CPU:
-  BENCHMARKS.md), vLLM's otherwise.
-* ``FLASHCOMM_VLLM_ALLOW_UNTESTED=1``: run on a vLLM version flashcomm was not tested
-  with (:data:`flashcomm.vllm._compat.TESTED_VLLM_VERSIONS`; otherwise refused), with a
-  warning.
-* ``FLASHCOMM_STATS_FILE``: each worker that converted a model keeps
-  ``<FLASHCOMM_STATS_FILE>.<pid>`` up to date while it runs (rewritten atomically every
-  ``FLASHCOMM_STATS_INTERVAL`` seconds, default 10, and at a clean exit), so the counters
-  of a running server can be read without stopping it. JSON: ``{"pid", "rank",
-  "tp_size", "time", "converted", "sp_threshold", "flashcomm_config" (what the
-  conversion recorded in vLLM's ``additional_config``), "stats": flashcomm.stats()}``.
+With flashcomm off both hooks call vLLM's own code and return its result unchanged.
 
-What :func:`register` does, in each process: refuses an untested vLLM version
-(:func:`flashcomm.vllm._compat.check_vllm_version`), registers flashcomm's subclasses of
-vLLM's parallel linear layers and RMSNorm under the original names
-(``PluggableLayer.register_oot`` / ``CustomOp.register_oot``) and wraps
-``BaseModelLoader.create_model``: after the model is built and before its weights load,
-:func:`flashcomm.vllm.layers.convert_model` validates the configuration and the model
-(refusing unsupported ones with a message) and activates the boundary layers. Loaders
-that build the model without ``create_model`` (TensorizerLoader, the weight-cache
-IpcModelLoader) are not converted: ``load_model`` of every loader class (those defined
-later too) is wrapped to log a WARNING starting ``flashcomm: NOT active`` that names the
-loader when the model it returns was not converted.
+Settings (:func:`resolve_settings`, the table is :mod:`flashcomm.settings`): each from
+``--additional-config '{"flashcomm": {...}}'`` (``vllm_config.additional_config``, which
+vLLM hands to every process) first, then its ``FLASHCOMM_*`` variable, then the default.
+``{"flashcomm": {"enable": true}}`` (or ``FLASHCOMM_ENABLE=1``) turns flashcomm on. The
+library's settings (``transport``, ``shm_bytes``, ...) given there are exported to the
+worker's environment before flashcomm's first collective, where its C++ code reads them.
+An unknown key is a warning naming the closest valid one.
+
+The conversion records what the converted layers bake in (c10d group name, thresholds,
+GEMM form, transport, all-reduce provider) under
+``additional_config["flashcomm"]["_conversion"]``, beside the user's keys, which it never
+changes: vLLM hashes ``additional_config`` into its compile cache key.
+
+Counters of a running server: with ``stats_file`` each worker that converted a model keeps
+``<stats_file>.<pid>`` up to date (rewritten atomically every ``stats_interval``
+seconds and at a clean exit). JSON: ``{"pid", "rank", "tp_size", "time", "converted",
+"sp_threshold", "flashcomm_config" (the conversion record), "stats": flashcomm.stats()}``.
 
 Logging goes to the ``vllm.flashcomm`` logger, a child of vLLM's ``vllm`` logger, so it
 is printed by vLLM's own handler, with vLLM's process prefix (``(Worker_TP0 pid=..)``):
@@ -50,23 +51,22 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib.abc
 import logging
 import os
+import sys
 import threading
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
+from flashcomm import settings as _settings
 from flashcomm._atomic_write import write_json_atomic
 
 from . import _compat
 
 ENV_ENABLE = "FLASHCOMM_ENABLE"
-ENV_SP_THRESHOLD = "FLASHCOMM_SP_THRESHOLD"
-ENV_THRESHOLD = "FLASHCOMM_THRESHOLD"
-ENV_STATS_FILE = "FLASHCOMM_STATS_FILE"
-ENV_STATS_INTERVAL = "FLASHCOMM_STATS_INTERVAL"
-ENV_VLLM_ALL_REDUCE = "FLASHCOMM_VLLM_ALL_REDUCE"
-DEFAULT_STATS_INTERVAL_S = 10.0
+DEFAULT_STATS_INTERVAL_S = float(_settings.setting("stats_interval").default)
 
 # A child of vLLM's "vllm" logger: vLLM's logging configuration (handler, format,
 # VLLM_LOGGING_LEVEL, VLLM_LOGGING_CONFIG_PATH) applies to it in every vLLM process.
@@ -74,104 +74,224 @@ logger = logging.getLogger("vllm.flashcomm")
 
 ACTIVE_MARKER = "flashcomm: active"
 UNCONVERTED_MARKER = "flashcomm: NOT active"
+RECORD_KEY = _settings.RECORD_KEY  # additional_config["flashcomm"][RECORD_KEY]
 
 _REGISTERED = False
 _STATS_WRITER: Optional["_StatsWriter"] = None
 
 
-def _bool_env(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    return default if not raw else raw in ("1", "true", "yes", "on")
+@dataclass(frozen=True)
+class PluginSettings:
+    """The plugin's settings, resolved (:func:`resolve_settings`). ``library``: the
+    library's settings given in ``additional_config`` as (variable, value text), exported
+    to the worker's environment; ``sources``: setting key -> where its value came from."""
+
+    enable: bool = False
+    sp_threshold: Union[int, str] = int(_settings.setting("sp_threshold").default)
+    tuning_file: Optional[str] = None
+    threshold: int = -1
+    gemm: str = "auto"
+    vllm_all_reduce: Optional[bool] = None
+    stats_file: Optional[str] = None
+    stats_interval: float = DEFAULT_STATS_INTERVAL_S
+    allow_untested: bool = False
+    library: tuple[tuple[str, str], ...] = ()
+    sources: tuple[tuple[str, str], ...] = ()
 
 
-def enabled() -> bool:
-    return _bool_env(ENV_ENABLE, False)
+def _env_text(s: _settings.Setting, value: Any) -> str:
+    """A parsed value as its variable's text (what the C++ reader parses)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
 
 
-def vllm_all_reduce() -> Optional[bool]:
-    """Whether replicated calls all-reduce through vLLM's communicator (True), through
-    flashcomm's transport (False), or as the transport decides (None: unset)."""
-    if not os.environ.get(ENV_VLLM_ALL_REDUCE, "").strip():
-        return None
-    return _bool_env(ENV_VLLM_ALL_REDUCE, True)
+def resolve_settings(additional_config: Any = None) -> PluginSettings:
+    """The plugin's settings from ``additional_config["flashcomm"]`` first, then the
+    ``FLASHCOMM_*`` variables, then the defaults. Warns once per process about unknown
+    keys. Raises :class:`flashcomm.settings.SettingError` naming the key or variable
+    of a bad value. With flashcomm off, only ``enable`` and the keys of
+    ``additional_config["flashcomm"]`` are checked (the other variables are not read)."""
+    section = _settings.config_section(additional_config)
+    _settings.warn_unknown_keys(section, logger)
+    enable, enable_where = _settings.resolve(_settings.setting("enable"), section)
+    values: dict[str, Any] = {"enable": bool(enable)}
+    sources = [("enable", enable_where)]
+    library = []
+    for s in _settings.SETTINGS:
+        if not s.key or s.key == "enable":
+            continue
+        if not enable and s.key not in section:
+            continue
+        if s.scope == "vllm":
+            value, where = _settings.resolve(s, section)
+            values[s.key] = value
+            sources.append((s.key, where))
+        elif s.key in section:  # the library's: exported to the worker's environment
+            library.append((s.env, _env_text(s, s.parse(section[s.key], s.config_where()))))
+            sources.append((s.key, s.config_where()))
+    if values.get("vllm_all_reduce") == "auto":
+        values["vllm_all_reduce"] = None
+    if section and not enable:
+        logger.warning("flashcomm: additional_config[\"%s\"] sets %s but flashcomm is off "
+                       "(enable: %s); add \"enable\": true to use flashcomm",
+                       _settings.CONFIG_KEY, ", ".join(sorted(section)), enable_where)
+    return PluginSettings(**values, library=tuple(library), sources=tuple(sources))
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def check_settings(additional_config: Any = None) -> PluginSettings:
+    """:func:`resolve_settings`, and with flashcomm enabled the checks that need no
+    model: the vLLM version (:func:`flashcomm.vllm._compat.check_vllm_version`) and the
+    vLLM symbols of the replacement layers. Errors are logged at ERROR, then raised."""
     try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"flashcomm: {name} must be an integer, got {raw!r}") from None
+        resolved = resolve_settings(additional_config)
+        if resolved.enable:
+            _compat.check_vllm_version(resolved.allow_untested)
+            from . import layers  # noqa: F401  (resolves vLLM's layer classes)
+    except (_settings.SettingError, _compat.FlashcommUnsupportedError) as e:
+        logger.error("%s", e)
+        raise
+    return resolved
 
 
-def sp_threshold() -> int:
-    from flashcomm import DEFAULT_SP_THRESHOLD  # the library's default
-    return _int_env(ENV_SP_THRESHOLD, DEFAULT_SP_THRESHOLD)
+def enabled(additional_config: Any = None) -> bool:
+    """Whether flashcomm is on for this configuration (``enable``)."""
+    return bool(_settings.resolve(_settings.setting("enable"),
+                                  _settings.config_section(additional_config))[0])
 
 
-def kernel_threshold() -> int:
-    return _int_env(ENV_THRESHOLD, -1)
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a module's first import completes (vLLM's modules are
+    hooked as vLLM imports them, so the plugin imports none of them itself)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[Callable[[Any], None]]] = {}
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        callbacks, run = self.pending.pop(fullname), spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            for callback in callbacks:
+                callback(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
-def stats_interval_s() -> float:
-    raw = os.environ.get(ENV_STATS_INTERVAL, "").strip()
-    if not raw:
-        return DEFAULT_STATS_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"flashcomm: {ENV_STATS_INTERVAL} must be a number of seconds > 0, "
-                         f"got {raw!r}")
-    return value
+_AFTER_IMPORT = _AfterImport()
+
+
+def _when_imported(name: str, callback: Callable[[Any], None]) -> None:
+    """``callback(module)`` now if ``name`` is imported, else right after its import."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+        return
+    _AFTER_IMPORT.pending.setdefault(name, []).append(callback)
+    if _AFTER_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _AFTER_IMPORT)
+
+
+def _quietly(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A hook that cannot break vLLM's import when vLLM lacks a symbol it patches
+    (flashcomm may be off): the refusal is logged; with flashcomm on, the same symbol
+    refuses again in :func:`check_settings`."""
+    def run(module: Any) -> None:
+        try:
+            hook(module)
+        except _compat.FlashcommUnsupportedError as e:
+            logger.warning("%s (flashcomm cannot hook vLLM here)", e)
+    return run
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point. Idempotent; no-op unless enabled.
-    Raises :class:`~flashcomm.vllm._compat.FlashcommUnsupportedError` (logged at ERROR)
-    on an untested vLLM version or when a vLLM symbol flashcomm uses is missing."""
+    """The ``vllm.general_plugins`` entry point. Idempotent; imports no vLLM module and
+    changes nothing in vLLM by itself (see the module docstring)."""
     global _REGISTERED
-    if _REGISTERED or not enabled():
+    if _REGISTERED:
         return
-    try:
-        _compat.check_vllm_version()
-        spt, thr = sp_threshold(), kernel_threshold()
-        if os.environ.get(ENV_STATS_FILE):
-            stats_interval_s()  # a bad value fails here, in every process, not in a thread
-        from . import layers  # resolves vLLM's layer classes
-        layers.install()
-        _patch_model_loader(spt, thr, vllm_all_reduce())
-    except _compat.FlashcommUnsupportedError as e:
-        logger.error("%s", e)
-        raise
+    _when_imported("vllm.engine.arg_utils", _quietly(_patch_engine_args))
+    _when_imported("vllm.model_executor.model_loader", _quietly(_patch_model_loader))
     _REGISTERED = True
 
 
-def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: Optional[bool]) -> None:
+def _patch_engine_args(module: Any) -> None:
+    """Checks the settings where vLLM builds its configuration from its arguments, in
+    the process that starts the engine (before any engine or worker process starts)."""
+    engine_args = module.EngineArgs
+    original = engine_args.create_engine_config
+    if getattr(original, "_flashcomm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        check_settings(getattr(self, "additional_config", None))
+        return original(self, *args, **kwargs)
+
+    create_engine_config._flashcomm_wrapped = True
+    engine_args.create_engine_config = create_engine_config
+
+
+def _activate(resolved: PluginSettings) -> None:
+    """This worker's side of an enabled configuration, before its model is built: the
+    replacement layer classes, and the library settings of ``additional_config`` in the
+    environment (flashcomm's C++ code reads them at the group's first use, later)."""
+    from . import layers
+    layers.install()
+    for name, text in resolved.library:
+        if os.environ.get(name) != text:
+            logger.debug("flashcomm: %s=%s (from additional_config)", name, text)
+        os.environ[name] = text
+
+
+def _patch_model_loader(module: Any = None) -> None:
     BaseModelLoader = _compat.symbol("BaseModelLoader")
     original = BaseModelLoader.create_model
     if getattr(original, "_flashcomm_wrapped", False):
         return
 
     def create_model(self, vllm_config, model_config, prefix: str = ""):
+        resolved = check_settings(getattr(vllm_config, "additional_config", None))
+        if not resolved.enable:
+            return original(self, vllm_config=vllm_config, model_config=model_config,
+                            prefix=prefix)
         from . import layers
         try:
+            _activate(resolved)
             layers.check_config(vllm_config)  # refuse before anything is built
+            if resolved.sp_threshold == "auto":
+                raise _compat.refuse("sp_threshold='auto' (a measured threshold) is not "
+                                     "available in this build; give a number of tokens")
+            if resolved.tuning_file:
+                raise _compat.refuse("tuning_file is not read by this build (nothing would "
+                                     "use it); remove it")
+            spt, thr = int(resolved.sp_threshold), int(resolved.threshold)
             model = original(self, vllm_config=vllm_config, model_config=model_config,
                              prefix=prefix)
             converted = layers.convert_model(model, vllm_config, spt, thr,
-                                             use_vllm_all_reduce)
+                                             resolved.vllm_all_reduce, resolved.gemm)
         except _compat.FlashcommUnsupportedError as e:
             logger.error("%s", e)
             raise
         record = _conversion_record(vllm_config)
         effective = int(record.get("sp_threshold", spt))  # raised above CUDA-graph sizes
         _log_active(model, vllm_config, converted, effective, thr)
-        if os.environ.get(ENV_STATS_FILE):
-            _start_stats_writer(os.environ[ENV_STATS_FILE], converted, effective, record)
+        if resolved.stats_file:
+            _start_stats_writer(resolved.stats_file, converted, effective, record,
+                                resolved.stats_interval)
         return model
 
     create_model._flashcomm_wrapped = True
@@ -185,11 +305,20 @@ def _converted(model: Any) -> bool:
                                      for m in modules())
 
 
+def _enabled_for(args: tuple, kwargs: dict) -> bool:
+    """Whether flashcomm is on for the ``vllm_config`` of a ``load_model`` call."""
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    try:
+        return enabled(getattr(vllm_config, "additional_config", None))
+    except _settings.SettingError:
+        return False  # create_model (or check_settings) reports it
+
+
 def _wrap_load_model(cls: type) -> None:
     """Wrap ``cls.load_model`` (where ``cls`` defines it) so that a model it returns
-    unconverted is reported: with ``FLASHCOMM_ENABLE=1`` every model built through
-    ``create_model`` is either converted or refused, so an unconverted model means the
-    loader built it another way (TensorizerLoader and vLLM's weight-cache
+    unconverted while flashcomm is enabled is reported: every model built through
+    ``create_model`` is then either converted or refused, so an unconverted model means
+    the loader built it another way (TensorizerLoader and vLLM's weight-cache
     IpcModelLoader call ``initialize_model`` directly)."""
     original = cls.__dict__.get("load_model")
     if original is None or getattr(original, "_flashcomm_wrapped", False):
@@ -198,7 +327,8 @@ def _wrap_load_model(cls: type) -> None:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         model = original(self, *args, **kwargs)
-        if not _converted(model) and not getattr(model, "_flashcomm_unconverted", False):
+        if (not _converted(model) and not getattr(model, "_flashcomm_unconverted", False)
+                and _enabled_for(args, kwargs)):
             try:
                 model._flashcomm_unconverted = True  # one warning per model (nested loaders)
             except Exception:  # pragma: no cover - a model that takes no attributes
@@ -206,10 +336,10 @@ def _wrap_load_model(cls: type) -> None:
             load_format = getattr(getattr(self, "load_config", None), "load_format", None)
             logger.warning(
                 "%s: vLLM's model loader %s (load_format %r) built the model without "
-                "BaseModelLoader.create_model, where flashcomm converts it: %s=1 is set "
-                "but this worker runs WITHOUT flashcomm (vLLM's own collectives). Load "
-                "the model with another load format (e.g. 'auto') to use flashcomm.",
-                UNCONVERTED_MARKER, type(self).__name__, load_format, ENV_ENABLE)
+                "BaseModelLoader.create_model, where flashcomm converts it: flashcomm is "
+                "enabled but this worker runs WITHOUT flashcomm (vLLM's own collectives). "
+                "Load the model with another load format (e.g. 'auto') to use flashcomm.",
+                UNCONVERTED_MARKER, type(self).__name__, load_format)
         return model
 
     load_model._flashcomm_wrapped = True
@@ -255,10 +385,11 @@ def _tp_group_info() -> dict[str, Any]:
 
 def _conversion_record(vllm_config: Any) -> dict[str, Any]:
     """What :func:`flashcomm.vllm.layers.convert_model` recorded in the worker's
-    ``additional_config["flashcomm"]`` (the settings that enter vLLM's compile cache
-    key: GEMM form, transport, all-reduce provider, ...); {} if nothing."""
+    ``additional_config["flashcomm"]["_conversion"]`` (the settings that enter vLLM's
+    compile cache key: GEMM form, transport, all-reduce provider, ...); {} if nothing."""
     extra = getattr(vllm_config, "additional_config", None)
-    record = extra.get("flashcomm") if isinstance(extra, dict) else None
+    section = extra.get(_settings.CONFIG_KEY) if isinstance(extra, dict) else None
+    record = section.get(RECORD_KEY) if isinstance(section, dict) else None
     return dict(record) if isinstance(record, dict) else {}
 
 
@@ -320,11 +451,12 @@ class _StatsWriter:
         self.write()
 
 
-def _start_stats_writer(path: str, converted: int, spt: int, record: dict[str, Any]) -> None:
+def _start_stats_writer(path: str, converted: int, spt: int, record: dict[str, Any],
+                        interval_s: float) -> None:
     global _STATS_WRITER
     if _STATS_WRITER is not None:
         return
-    _STATS_WRITER = _StatsWriter(path, converted, spt, record, stats_interval_s())
+    _STATS_WRITER = _StatsWriter(path, converted, spt, record, interval_s)
     _STATS_WRITER.start()
 
 

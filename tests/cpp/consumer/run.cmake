@@ -1,5 +1,6 @@
 # ctest's consumer_project: install the build into a fresh prefix, configure and
-# build tests/cpp/consumer against it with find_package(flashcomm), and run it.
+# build tests/cpp/consumer against it with find_package(flashcomm), and run it. The
+# installed library must carry no absolute RUNPATH.
 # -D: BUILD_DIR, SOURCE_DIR, WORK_DIR, TORCH_PREFIX (Torch_DIR), GLOO_INCLUDE_DIR, GENERATOR,
 # SANITIZE (the library was built with ASan + UBSan: so is the consumer, whose executable
 # must then bring the ASan runtime first).
@@ -11,6 +12,15 @@ function(step)
   endif()
 endfunction()
 step(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+# The installed library is relocatable: its RUNPATH holds no absolute path (the build
+# machine's torch); the consumer below finds torch through its own link.
+file(GLOB installed_lib ${WORK_DIR}/prefix/lib*/libflashcomm_ops.so)
+file(READ_ELF "${installed_lib}" RUNPATH installed_runpath RPATH installed_rpath)
+if("${installed_runpath};${installed_rpath}" MATCHES "(^|[;:])/")
+  message(FATAL_ERROR "consumer_project: ${installed_lib} has an absolute RUNPATH/RPATH "
+                      "entry: '${installed_runpath}' '${installed_rpath}'")
+endif()
+message(STATUS "installed library RUNPATH: ${installed_runpath}")
 set(san_flags "")
 if(SANITIZE)
   set(san_flags -DCMAKE_CXX_FLAGS=-fsanitize=address,undefined

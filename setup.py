@@ -67,8 +67,13 @@ class CMakeBuild(build_ext):
         accelerated = torch.version.cuda is not None or getattr(torch.version, "hip", None)
         from_python = _flag("FLASHCOMM_TORCH_FROM_PYTHON",
                             default="1" if accelerated else "0")
+        # ccache where the machine has it, with paths relative to the checkout: the GPU
+        # check's rehearsal builds (scripts/gpu_check.sh, same flags) then reuse these
+        # objects instead of compiling the library twice more.
+        launcher = ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"] if shutil.which("ccache") else []
+        os.environ.setdefault("CCACHE_BASEDIR", str(ROOT))
         subprocess.check_call(
-            ["cmake", "-S", str(ROOT), "-B", str(build_dir), *generator,
+            ["cmake", "-S", str(ROOT), "-B", str(build_dir), *generator, *launcher,
              f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
              f"-DFLASHCOMM_TORCH_FROM_PYTHON={from_python}",
              *([f"-DPython_EXECUTABLE={sys.executable}"] if from_python == "ON" else []),

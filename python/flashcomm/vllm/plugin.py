@@ -9,9 +9,11 @@ nothing from vLLM).
 Environment:
 
 * ``FLASHCOMM_ENABLE=1``: enable (``0`` / unset: off, vLLM unchanged).
-* ``FLASHCOMM_SP_THRESHOLD`` (default ``flashcomm.DEFAULT_SP_THRESHOLD``): forwards with more
-  tokens than this run
-  sequence-parallel (sharded); the others run as plain TP (replicated).
+* ``FLASHCOMM_SP_THRESHOLD`` (default ``auto``): forwards with more tokens than this run
+  sequence-parallel (sharded); the others run as plain TP (replicated). ``auto``: measured
+  on the model at start-up and cached (:mod:`flashcomm.vllm.calibration`).
+* ``FLASHCOMM_TUNING_FILE``: a table from ``flashcomm tune``: its kernel thresholds apply,
+  and its ``sp_threshold`` (if it has one) replaces ``auto``.
 * ``FLASHCOMM_THRESHOLD`` (default -1 = auto): the compact kernels' pipelining threshold.
 * ``FLASHCOMM_VLLM_ALL_REDUCE`` (default: auto): ``1``: the replicated path all-reduces
   through vLLM's own communicator (``vllm::all_reduce``: custom all-reduce / pynccl on
@@ -58,7 +60,7 @@ from typing import Any, Optional
 
 from flashcomm._atomic_write import write_json_atomic
 
-from . import _compat
+from . import _compat, calibration
 
 ENV_ENABLE = "FLASHCOMM_ENABLE"
 ENV_SP_THRESHOLD = "FLASHCOMM_SP_THRESHOLD"
@@ -106,9 +108,12 @@ def _int_env(name: str, default: int) -> int:
         raise ValueError(f"flashcomm: {name} must be an integer, got {raw!r}") from None
 
 
-def sp_threshold() -> int:
-    from flashcomm import DEFAULT_SP_THRESHOLD  # the library's default
-    return _int_env(ENV_SP_THRESHOLD, DEFAULT_SP_THRESHOLD)
+def sp_threshold() -> "int | str":
+    """``FLASHCOMM_SP_THRESHOLD``: an int >= 0, or "auto" (the default: measured at
+    start-up, :mod:`flashcomm.vllm.calibration`)."""
+    from .calibration import AUTO, parse_sp_threshold
+    raw = os.environ.get(ENV_SP_THRESHOLD, "").strip()
+    return parse_sp_threshold(raw or AUTO, ENV_SP_THRESHOLD)
 
 
 def kernel_threshold() -> int:
@@ -150,7 +155,8 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: Optional[bool]) -> None:
+def _patch_model_loader(spt: "int | str", thr: int,
+                        use_vllm_all_reduce: Optional[bool]) -> None:
     BaseModelLoader = _compat.symbol("BaseModelLoader")
     original = BaseModelLoader.create_model
     if getattr(original, "_flashcomm_wrapped", False):
@@ -162,21 +168,30 @@ def _patch_model_loader(spt: int, thr: int, use_vllm_all_reduce: Optional[bool])
             layers.check_config(vllm_config)  # refuse before anything is built
             model = original(self, vllm_config=vllm_config, model_config=model_config,
                              prefix=prefix)
-            converted = layers.convert_model(model, vllm_config, spt, thr,
+            start, how = calibration.initial_threshold(spt, calibration.tuning_file())
+            converted = layers.convert_model(model, vllm_config, start, thr,
                                              use_vllm_all_reduce)
         except _compat.FlashcommUnsupportedError as e:
             logger.error("%s", e)
             raise
-        record = _conversion_record(vllm_config)
-        effective = int(record.get("sp_threshold", spt))  # raised above CUDA-graph sizes
-        _log_active(model, vllm_config, converted, effective, thr)
-        if os.environ.get(ENV_STATS_FILE):
-            _start_stats_writer(os.environ[ENV_STATS_FILE], converted, effective, record)
+        if how == calibration.AUTO:  # measured once the weights load: _announce then
+            calibration.defer(model, vllm_config, converted, thr)
+            return model
+        _announce(model, vllm_config, converted, thr, how)
         return model
 
     create_model._flashcomm_wrapped = True
     BaseModelLoader.create_model = create_model
     _watch_loaders(BaseModelLoader)
+
+
+def _announce(model: Any, vllm_config: Any, converted: int, thr: int, how: str) -> None:
+    """The ``flashcomm: active`` line and the stats writer, once the threshold is known."""
+    record = _conversion_record(vllm_config)
+    effective = int(record["sp_threshold"])  # raised above CUDA-graph sizes
+    _log_active(model, vllm_config, converted, effective, thr, how)
+    if os.environ.get(ENV_STATS_FILE):
+        _start_stats_writer(os.environ[ENV_STATS_FILE], converted, effective, record)
 
 
 def _converted(model: Any) -> bool:
@@ -198,6 +213,10 @@ def _wrap_load_model(cls: type) -> None:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         model = original(self, *args, **kwargs)
+        if calibration.pending(model):  # weights loaded, nothing compiled yet
+            p = model.__dict__["_fc_calibration"]
+            _, how = calibration.after_load(model)
+            _announce(model, p.vllm_config, p.converted, p.threshold, how)
         if not _converted(model) and not getattr(model, "_flashcomm_unconverted", False):
             try:
                 model._flashcomm_unconverted = True  # one warning per model (nested loaders)
@@ -262,7 +281,8 @@ def _conversion_record(vllm_config: Any) -> dict[str, Any]:
     return dict(record) if isinstance(record, dict) else {}
 
 
-def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int) -> None:
+def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int,
+                how: str = "set") -> None:
     """The one INFO line per worker that says flashcomm is on, and how."""
     import flashcomm
     info, record = _tp_group_info(), _conversion_record(vllm_config)
@@ -270,11 +290,11 @@ def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int
     transport = record.get("transport") or flashcomm.transport(info["group"])
     all_reduce = record.get("all_reduce") or flashcomm.all_reduce_provider(info["group"])
     logger.info(
-        "%s on TP rank %d/%d: converted %d modules of %s (%s%s), sp_threshold=%d (sequence "
-        "parallel above %d tokens), kernel threshold=%s, group '%s', transport %s, "
+        "%s on TP rank %d/%d: converted %d modules of %s (%s%s), sp_threshold=%d (%s; "
+        "sequence parallel above %d tokens), kernel threshold=%s, group '%s', transport %s, "
         "replicated all-reduce via %s", ACTIVE_MARKER, info["rank"], info["tp_size"],
         converted, type(model).__name__, "W8A8" if w8a8 else "FP",
-        f", GEMMs by {record['gemm']}" if record.get("gemm") else "", spt, spt,
+        f", GEMMs by {record['gemm']}" if record.get("gemm") else "", spt, how, spt,
         "auto" if thr < 0 else thr, info["group"], transport, all_reduce or transport)
 
 

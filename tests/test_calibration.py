@@ -125,3 +125,34 @@ def test_measure_agrees_across_ranks(ranks):
     # A spent budget stops every rank after the same (first) point.
     stopped = pool.run(_measure_on_rank, [16, 64, 128], 0.0)
     assert [r[0] for r in stopped] == [[16], [16]], stopped
+
+
+def test_tuning_file_and_explicit_number_override_auto(tmp_path):
+    # Precedence: an explicit number > the tuning file's sp_threshold > auto. The table's
+    # kernel crossovers are applied either way (every rank loads the same file).
+    import logging
+
+    from flashcomm import tuning
+    table = tuning.TuningTable(entries=[tuning.TuningEntry("gemm_rs", 64, 128, 2, "float32",
+                                                           300)], sp_threshold=777)
+    path = str(tmp_path / "table.json")
+    tuning.save_table(table, path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    cal.logger.addHandler(handler)
+    pipeline = flashcomm.get_pipeline_config()
+    try:
+        assert cal.initial_threshold("auto", path) == (777, "tuning file")
+        assert cal.initial_threshold(64, path) == (64, "set")
+        assert cal.initial_threshold("auto", None) == (flashcomm.DEFAULT_SP_THRESHOLD, "auto")
+        assert not records
+        assert cal.initial_threshold("auto", str(bad)) == (flashcomm.DEFAULT_SP_THRESHOLD,
+                                                           "auto")
+        assert any("ignoring tuning table" in r.getMessage() for r in records), records
+    finally:
+        cal.logger.removeHandler(handler)
+        torch.ops.flashcomm.clear_auto_thresholds()
+        flashcomm.set_pipeline_config(*pipeline)

@@ -75,7 +75,12 @@ threshold -- sp_threshold=auto against fixed thresholds, end to end (issue 21): 
   start-up without the measurement) and 1000 (the seed's default). Per engine: the
   threshold the workers used and how (from their "flashcomm: active" lines), the
   ladder total and the composed prediction, vLLM's start-up (the LLM() call), and
-  whether the greedy ids equal the all-replicated engine's (exit 1 if not).
+  whether the greedy ids equal the all-replicated engine's (exit 1 if not). Engines
+  started one after another see whatever load the machine has then; --switch instead
+  starts one engine (sp_threshold=auto, uncompiled: compilation mode NONE, so a layer
+  reads its threshold at every forward) and times auto's value, 1000 and every
+  threshold of the sweep in it, round robin with the order rotated each round (the
+  median of --repeats rounds): a drifting load hits every threshold alike.
 
 Set FLASHCOMM_LIB to the library to measure (spawned ranks and engines inherit it).
 Timings on a shared machine are rough: check the load averages printed with them.
@@ -799,8 +804,71 @@ def composed_total(threshold: int, sharded: dict[str, float],
     return sum(sharded[k] if int(k) > threshold else replicated[k] for k in sharded)
 
 
+def run_threshold_switch(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    """``threshold --switch``: one uncompiled engine started with sp_threshold=auto; every
+    threshold of the sweep, auto's and 1000 timed in it, round robin."""
+    from flashcomm.tools import vllm_engine as tv
+    load_before = load_average()
+    t_start = time.time()
+    fixed = sorted({0, 1000, *args.ladder})
+    names = ["auto", *map(str, fixed)]
+    print(f"vllm_bench threshold --switch: {machine_line(machine)}; load average before "
+          f"{_fmt_load(load_before)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_thr_") as d:
+        tmp = Path(args.keep_dir) if args.keep_dir else Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model = _make_checkpoint(tmp / "llama512-fp32", "fp32")
+        env = tv.vllm_env(tmp, True, args.tp, compile_backend=args.compile)
+        env["FLASHCOMM_SP_THRESHOLD"] = "auto"
+        out = tmp / "thr_switch.json"
+        cmd = [sys.executable, str(ENGINE_SCRIPT), str(model), str(out), "--tp",
+               str(args.tp), "--dtype", "float32", "--prefill-seqs", "4", "--prefill-len",
+               "512", "--decode-seqs", "8", "--decode-tokens", "9", "--warmups", "1",
+               "--repeats", "1", "--prefill-ladder", ",".join(map(str, args.ladder)),
+               "--switch-thresholds", ",".join(names), "--switch-rounds", str(args.repeats)]
+        log_path = tmp / "thr_switch.log"
+        res = run_engine_process(cmd, env, tmp, out, log_path, "engine (switch)",
+                                 args.engine_timeout)
+        how = sorted(set(re.findall(r"sp_threshold=\d+ \(([^;]*);", log_path.read_text())))
+    load_after = load_average()
+    totals = {t: [sum(r.values()) for r in rounds] for t, rounds in res["switched"].items()}
+    med = {t: statistics.median(v) for t, v in totals.items()}
+    best = min(fixed, key=lambda t: (med[str(t)], t))
+    auto_value = res["switched_values"]["auto"]
+    print(f"vllm_bench threshold --switch: Llama hidden 512, 4 layers, fp32, tp={args.tp}, "
+          f"uncompiled (compilation mode NONE: the threshold switched in one engine); per "
+          f"threshold and round one prefill per batch size n in {list(args.ladder)} (4 "
+          f"prompts of n/4 tokens), thresholds round robin, order rotated every round, "
+          f"median over {args.repeats} rounds of the ladder total; "
+          f"{time.time() - t_start:.0f} s\n{machine_line(machine)}\nload average (1/5/15 "
+          f"min) before {_fmt_load(load_before)}, after {_fmt_load(load_after)}; start-up "
+          f"{res['startup_s']} s, auto = {auto_value} ({', '.join(how)})")
+    ref = res["ids_switched"][str(max(fixed))]
+    print(f"{'sp_threshold':>14} {'total ms':>9} {'x best':>7}  ids = {max(fixed)}  per n (ms, "
+          f"median)")
+    rows = {}
+    for t in names:
+        per = {n: statistics.median(r[n] for r in res["switched"][t])
+               for n in res["switched"][t][0]}
+        label = f"auto={auto_value}" if t == "auto" else t
+        label += " (best)" if t == str(best) else ""
+        rows[t] = {"value": res["switched_values"][t], "total_ms": round(med[t], 2),
+                   "x_best": round(med[t] / med[str(best)], 3), "per_n_ms": per,
+                   "ids_equal": res["ids_switched"][t] == ref}
+        print(f"{label:>14} {med[t]:>9.1f} {rows[t]['x_best']:>7.3f}  "
+              f"{str(rows[t]['ids_equal']):5}  "
+              + " ".join(f"{n}:{v:.1f}" for n, v in per.items()))
+    return {"part": "threshold-switch", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "settings": {k: v for k, v in vars(args).items()
+                                                   if k not in ("json", "func")},
+            "best_fixed": best, "auto": auto_value, "how": how, "rows": rows,
+            "startup_s": res["startup_s"], "totals": totals}
+
+
 def run_threshold(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "python"))
+    if args.switch:
+        return run_threshold_switch(args, machine)
     load_before = load_average()
     t_start = time.time()
     print(f"vllm_bench threshold: {machine_line(machine)}; load average before "
@@ -945,6 +1013,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp_.add_argument("--tp", type=int, default=2)
     tp_.add_argument("--engine-timeout", type=int, default=1800)
     tp_.add_argument("--keep-dir", default=None)
+    tp_.add_argument("--switch", action="store_true",
+                     help="one uncompiled engine, every threshold switched in it round "
+                          "robin (--repeats rounds): robust to a load that drifts")
     tp_.add_argument("--json", default=None, help="write figures and samples here")
     ep = sub.add_parser("e2e", help="vllm.LLM with flashcomm off / on / on-own",
                         description=_doc_section("e2e --", "threshold --") + "\n\n"
@@ -989,9 +1060,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         failures: list[str] = []
     elif args.what == "threshold":
         res = run_threshold(args, machine)
-        ref = res["runs"]["all replicated"]["ids_ladder"]
-        failures = [f"{name}: greedy ids differ from the all-replicated engine"
-                    for name, r in res["runs"].items() if r["ids_ladder"] != ref]
+        if args.switch:
+            failures = [f"sp_threshold {t}: greedy ids differ from the never-sharded pass"
+                        for t, r in res["rows"].items() if not r["ids_equal"]]
+        else:
+            ref = res["runs"]["all replicated"]["ids_ladder"]
+            failures = [f"{name}: greedy ids differ from the all-replicated engine"
+                        for name, r in res["runs"].items() if r["ids_ladder"] != ref]
     else:
         res = run_e2e(args, machine)
         failures = e2e_failures(res["summary"]) if "summary" in res else []

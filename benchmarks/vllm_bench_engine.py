@@ -102,6 +102,13 @@ def main(argv: list[str]) -> int:
                    help="N1,N2,...: after the timing, also a prefill of 4 prompts of N/4 "
                         "tokens per N (one step each; --warmups, then --repeats timed): "
                         "OUT's ladder_ms, the median per N")
+    p.add_argument("--switch-thresholds", default="",
+                   help="T1,T2,... ('auto' = the threshold the workers measured at "
+                        "start-up): the model uncompiled (compilation mode NONE); per "
+                        "--switch-rounds round, in an order rotated every round, every "
+                        "worker switched to T, then the --prefill-ladder once: OUT's "
+                        "switched[T] = per-round ladder times (ms)")
+    p.add_argument("--switch-rounds", type=int, default=3)
     p.add_argument("--profile-dir", default=None,
                    help="after the timing, profile the workers around the decode calls and "
                    "write their tables here (default: no profiling)")
@@ -122,7 +129,8 @@ def main(argv: list[str]) -> int:
               max_model_len=max(1024, a.prefill_len + 8,
                                 a.decode_prompt_len + a.decode_tokens + 8),
               max_num_seqs=max(8, a.prefill_seqs, a.decode_seqs),
-              max_num_batched_tokens=max(2048, prefill_tokens))
+              max_num_batched_tokens=max(2048, prefill_tokens),
+              **({"compilation_config": {"mode": 0}} if a.switch_thresholds else {}))
     startup_s = time.perf_counter() - t_start
     long = _prompts(a.prefill_seqs, a.prefill_len, 0)
     short = _prompts(a.decode_seqs, a.decode_prompt_len, 5)
@@ -174,6 +182,32 @@ def main(argv: list[str]) -> int:
             ladder_ms[str(n)] = statistics.median(times)
             res["ids_ladder"][str(n)] = ids
         res["ladder_ms"] = ladder_ms
+    if a.switch_thresholds:
+        from flashcomm.tools.vllm_engine import worker_set_sp_threshold
+        from flashcomm.vllm.plugin import worker_stats
+        measured = {w.get("flashcomm_config", {}).get("sp_threshold")
+                    for w in llm.collective_rpc(worker_stats)}
+        res["measured_sp_threshold"] = sorted(measured, key=str)
+        names = [t for t in a.switch_thresholds.split(",") if t]
+        value = {t: (measured.copy().pop() if t == "auto" else int(t)) for t in names}
+        ladder = [int(x) for x in a.prefill_ladder.split(",") if x]
+        prompts = {n: _prompts(4, max(1, n // 4), 11) for n in ladder}
+        switched: dict[str, list[dict[str, float]]] = {t: [] for t in names}
+        ids_switched: dict[str, dict[str, list[list[int]]]] = {}
+        for r in range(a.switch_rounds):
+            k = r % len(names)
+            for t in names[k:] + names[:k]:
+                llm.collective_rpc(worker_set_sp_threshold, args=(value[t],))
+                gen(prompts[ladder[0]], 1)  # settle after the switch
+                times = {}
+                for n in ladder:
+                    ms, ids = gen(prompts[n], 1)
+                    times[str(n)] = ms
+                    ids_switched.setdefault(t, {})[str(n)] = ids
+                switched[t].append(times)
+        res["switched"] = switched
+        res["switched_values"] = value
+        res["ids_switched"] = ids_switched
     if a.profile_dir:
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
         prof_ms: dict[str, list[float]] = {"one": [], "many": []}

@@ -24,8 +24,8 @@ What is timed, and why it is representative:
 
 Per ladder point and mode: one warm-up call (first touch, transport buffers), then
 :data:`SAMPLES` samples interleaved between the modes, each of :func:`iterations`
-boundaries; the per-rank median, then the slowest rank (all-reduce MAX over the TP
-group's CPU group). Ladder, sample and iteration counts depend only on rank-invariant
+boundaries; per rank the fastest sample (a load spike only ever adds time), then the
+slowest rank (all-reduce MAX over the TP group's CPU group). Ladder, sample and iteration counts depend only on rank-invariant
 values (the configuration), so every rank issues the same collectives; a time budget is
 checked on the all-reduced elapsed time, so every rank stops at the same point.
 :func:`pick_threshold` then gives the same value on every rank.
@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ logger = logging.getLogger("vllm.flashcomm")
 AUTO = "auto"
 ENV_TUNING_FILE = "FLASHCOMM_TUNING_FILE"
 CACHE_FORMAT = "flashcomm-sp-threshold"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bumped whenever what is measured or how it is picked changes
 # Ladder: token counts from LADDER_START, x sqrt(2) per step, up to the scheduler's
 # max_num_batched_tokens (no batch is bigger), at most LADDER_CAP.
 LADDER_START = 16
@@ -225,13 +224,14 @@ def module_boundaries(pairs: list[tuple[Any, Any, Any]], dtype: torch.dtype,
 
 
 def _sync(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on CPU), so a sample times it all."""
     if device.type != "cpu":
         torch.accelerator.synchronize()
 
 
 @dataclass
 class Measurement:
-    """Timings of one boundary per mode (seconds, the slowest rank's median) at
+    """Timings of one boundary per mode (seconds, the slowest rank's fastest sample) at
     ``tokens``, the points measured before the budget ran out."""
 
     tokens: list[int] = field(default_factory=list)
@@ -264,8 +264,8 @@ def measure(boundary: Boundary, tokens: list[int], hidden: int, element_size: in
                     run()
                 _sync(device)
                 times[mode].append((time.perf_counter() - t0) / reps)
-        local = torch.tensor([statistics.median(times["replicated"]),
-                              statistics.median(times["sharded"]),
+        # The fastest sample: other work on the machine only ever adds time.
+        local = torch.tensor([min(times["replicated"]), min(times["sharded"]),
                               time.perf_counter() - t_start], dtype=torch.float64)
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=cpu_group)
         out.tokens.append(n)
@@ -351,6 +351,8 @@ def read_cache(path: str, key: str) -> Optional[int]:
 
 def write_cache(path: str, key: str, threshold: int, facts: dict[str, Any],
                 m: Measurement) -> None:
+    """Keeps ``threshold`` for ``key`` at ``path`` (atomically), with what was measured;
+    a cache that cannot be written is a warning (the next start measures again)."""
     from flashcomm._atomic_write import write_json_atomic
     doc = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
            "sp_threshold": int(threshold), "facts": facts, "created": time.time(),
@@ -414,6 +416,7 @@ def defer(model: Any, vllm_config: Any, converted: int, threshold: int) -> None:
 
 
 def pending(model: Any) -> bool:
+    """Whether ``model`` waits for :func:`after_load` (marked by :func:`defer`)."""
     return isinstance(getattr(model, "__dict__", {}).get("_fc_calibration"), _Pending)
 
 

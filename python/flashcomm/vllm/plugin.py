@@ -36,7 +36,10 @@ vLLM's parallel linear layers and RMSNorm under the original names
 (``PluggableLayer.register_oot`` / ``CustomOp.register_oot``) and wraps
 ``BaseModelLoader.create_model``: after the model is built and before its weights load,
 :func:`flashcomm.vllm.layers.convert_model` validates the configuration and the model
-(refusing unsupported ones with a message) and activates the boundary layers. Loaders
+(refusing unsupported ones with a message) and activates the boundary layers; with
+``sp_threshold=auto`` the wrapped ``load_model`` then, once the weights have loaded and
+before the first forward, measures the threshold (or reads it from the cache) and
+switches the layers to it (:func:`flashcomm.vllm.calibration.after_load`). Loaders
 that build the model without ``create_model`` (TensorizerLoader, the weight-cache
 IpcModelLoader) are not converted: ``load_model`` of every loader class (those defined
 later too) is wrapped to log a WARNING starting ``flashcomm: NOT active`` that names the

@@ -6,7 +6,9 @@ once with ``FLASHCOMM_ENABLE=1`` and once without, on a tiny checkpoint written 
 ``scripts/make_tiny_checkpoint.py``.
 Greedy decoding of token-id prompts; ``FLASHCOMM_SP_THRESHOLD=16`` so the prefill of
 3 prompts x 12 tokens (36 tokens) runs sharded and the decode steps (3 tokens) and a
-one-prompt prefill of 8 tokens run replicated.
+one-prompt prefill of 8 tokens run replicated. The Mistral test runs the plugin's default,
+``sp_threshold=auto``: both workers must log the same measured threshold, and the modes
+counted are the ones it implies.
 
 * Compilation: vLLM's default on CPU, Inductor (Qwen3 FP, Qwen3 W8A8), and the eager
   backend that ``VLLM_CPU_CI_ENV=1`` selects (the others; faster to start). Each asserts

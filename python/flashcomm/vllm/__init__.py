@@ -5,7 +5,8 @@
   linear layers and boundary RMSNorms of supported dense decoders (Llama, Mistral,
   Qwen2, Qwen3; FP and compressed-tensors W8A8 int8) run through flashcomm's
   layout-invariant ops, with no change to vLLM's model code. Threshold:
-  ``FLASHCOMM_SP_THRESHOLD`` (tokens per forward, default 1000).
+  ``FLASHCOMM_SP_THRESHOLD`` (tokens per forward, default ``auto``: measured at start-up
+  by :mod:`flashcomm.vllm.calibration`).
 * :mod:`flashcomm.vllm.linear_method`: LinearMethod wrappers calling the compact ops
   (``gemm_rs`` / ``ag_gemm``) for users who write their own sequence-parallel models,
   and :func:`enable_flashcomm_on_model`.

@@ -64,6 +64,24 @@ e2e -- vllm.LLM end to end, the engine in its own process (benchmarks/
   earlier case instead (tiny Qwen3 fp32, prefill 4 x 100, decode 4 sequences,
   sp_threshold 16, eager, through flashcomm.tools.vllm_engine).
 
+threshold -- sp_threshold=auto against fixed thresholds, end to end (issue 21): the e2e
+  model in fp32, flashcomm on with its defaults (engine form, own transport), vLLM's
+  default compile. Workload: one prefill step per batch size n in --ladder (4 prompts of
+  n/4 tokens, max_tokens=1), each the median of --repeats; its total is the figure
+  compared. Engines: every batch sharded (sp_threshold 0) and every batch replicated;
+  from those two the total at every fixed threshold of the sweep {0, ladder points} is
+  composed (a batch is one forward, sharded iff n > threshold) and the best one then
+  runs for real; "auto" (measured at start-up), "auto" again (the cached answer: its
+  start-up without the measurement) and 1000 (the seed's default). Per engine: the
+  threshold the workers used and how (from their "flashcomm: active" lines), the
+  ladder total and the composed prediction, vLLM's start-up (the LLM() call), and
+  whether the greedy ids equal the all-replicated engine's (exit 1 if not). Engines
+  started one after another see whatever load the machine has then; --switch instead
+  starts one engine (sp_threshold=auto, uncompiled: compilation mode NONE, so a layer
+  reads its threshold at every forward) and times auto's value, 1000 and every
+  threshold of the sweep in it, round robin with the order rotated each round (the
+  median of --repeats rounds): a drifting load hits every threshold alike.
+
 Set FLASHCOMM_LIB to the library to measure (spawned ranks and engines inherit it).
 Timings on a shared machine are rough: check the load averages printed with them.
 
@@ -77,6 +95,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -741,6 +760,161 @@ def e2e_failures(summary: dict[str, Any]) -> list[str]:
     return bad
 
 
+# threshold: auto against fixed thresholds, end to end
+
+THRESHOLD_LADDER = (128, 256, 384, 512, 768, 1024, 1536, 2048)
+ALWAYS_REPLICATED = 1 << 40
+
+
+def _threshold_engine(tmp: Path, model: Path, name: str, sp_threshold: str,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    """One engine (flashcomm on, its defaults) at ``sp_threshold``; its prefill ladder,
+    start-up time and the threshold the workers used (and how, from the log)."""
+    from flashcomm.tools import vllm_engine as tv
+    env = tv.vllm_env(tmp, True, args.tp, compile_backend=args.compile)
+    env["FLASHCOMM_SP_THRESHOLD"] = sp_threshold
+    out = tmp / f"thr_{name}.json"
+    cmd = [sys.executable, str(ENGINE_SCRIPT), str(model), str(out), "--tp", str(args.tp),
+           "--dtype", "float32", "--prefill-seqs", "4", "--prefill-len", "512",
+           "--decode-seqs", "8", "--decode-tokens", "9", "--warmups", str(args.warmups),
+           "--repeats", str(args.repeats),
+           "--prefill-ladder", ",".join(map(str, args.ladder))]
+    log_path = tmp / f"thr_{name}.log"
+    res = run_engine_process(cmd, env, tmp, out, log_path, f"engine {name}",
+                             args.engine_timeout)
+    res["name"], res["requested"] = name, sp_threshold
+    used = {w.get("flashcomm_config", {}).get("sp_threshold") for w in res.get("workers", [])}
+    res["sp_threshold"] = used.pop() if len(used) == 1 else sorted(used)
+    how = re.findall(r"sp_threshold=\d+ \(([^;]*);", log_path.read_text())
+    res["how"] = sorted(set(how))
+    res["load"] = load_average()
+    res["total_ms"] = round(sum(res["ladder_ms"].values()), 2)
+    res.pop("workers", None)
+    print(f"  {name:16} sp_threshold {res['sp_threshold']} ({', '.join(res['how'])}): ladder "
+          f"total {res['total_ms']:8.2f} ms, start-up {res['startup_s']} s (load "
+          f"{_fmt_load(res['load'])})", flush=True)
+    return res
+
+
+def composed_total(threshold: int, sharded: dict[str, float],
+                   replicated: dict[str, float]) -> float:
+    """The ladder's total (ms) at ``threshold``, composed from an engine that ran every
+    batch sharded and one that ran every batch replicated (each batch is one forward:
+    sharded iff n > threshold)."""
+    return sum(sharded[k] if int(k) > threshold else replicated[k] for k in sharded)
+
+
+def run_threshold_switch(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    """``threshold --switch``: one uncompiled engine started with sp_threshold=auto; every
+    threshold of the sweep, auto's and 1000 timed in it, round robin."""
+    from flashcomm.tools import vllm_engine as tv
+    load_before = load_average()
+    t_start = time.time()
+    fixed = sorted({0, 1000, *args.ladder})
+    names = ["auto", *map(str, fixed)]
+    print(f"vllm_bench threshold --switch: {machine_line(machine)}; load average before "
+          f"{_fmt_load(load_before)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_thr_") as d:
+        tmp = Path(args.keep_dir) if args.keep_dir else Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model = _make_checkpoint(tmp / "llama512-fp32", "fp32")
+        env = tv.vllm_env(tmp, True, args.tp, compile_backend=args.compile)
+        env["FLASHCOMM_SP_THRESHOLD"] = "auto"
+        out = tmp / "thr_switch.json"
+        cmd = [sys.executable, str(ENGINE_SCRIPT), str(model), str(out), "--tp",
+               str(args.tp), "--dtype", "float32", "--prefill-seqs", "4", "--prefill-len",
+               "512", "--decode-seqs", "8", "--decode-tokens", "9", "--warmups", "1",
+               "--repeats", "1", "--prefill-ladder", ",".join(map(str, args.ladder)),
+               "--switch-thresholds", ",".join(names), "--switch-rounds", str(args.repeats)]
+        log_path = tmp / "thr_switch.log"
+        res = run_engine_process(cmd, env, tmp, out, log_path, "engine (switch)",
+                                 args.engine_timeout)
+        how = sorted(set(re.findall(r"sp_threshold=\d+ \(([^;]*);", log_path.read_text())))
+    load_after = load_average()
+    totals = {t: [sum(r.values()) for r in rounds] for t, rounds in res["switched"].items()}
+    med = {t: statistics.median(v) for t, v in totals.items()}
+    best = min(fixed, key=lambda t: (med[str(t)], t))
+    auto_value = res["switched_values"]["auto"]
+    print(f"vllm_bench threshold --switch: Llama hidden 512, 4 layers, fp32, tp={args.tp}, "
+          f"uncompiled (compilation mode NONE: the threshold switched in one engine); per "
+          f"threshold and round one prefill per batch size n in {list(args.ladder)} (4 "
+          f"prompts of n/4 tokens), thresholds round robin, order rotated every round, "
+          f"median over {args.repeats} rounds of the ladder total; "
+          f"{time.time() - t_start:.0f} s\n{machine_line(machine)}\nload average (1/5/15 "
+          f"min) before {_fmt_load(load_before)}, after {_fmt_load(load_after)}; start-up "
+          f"{res['startup_s']} s, auto = {auto_value} ({', '.join(how)})")
+    ref = res["ids_switched"][str(max(fixed))]
+    print(f"{'sp_threshold':>14} {'total ms':>9} {'x best':>7}  ids = {max(fixed)}  per n (ms, "
+          f"median)")
+    rows = {}
+    for t in names:
+        per = {n: statistics.median(r[n] for r in res["switched"][t])
+               for n in res["switched"][t][0]}
+        label = f"auto={auto_value}" if t == "auto" else t
+        label += " (best)" if t == str(best) else ""
+        rows[t] = {"value": res["switched_values"][t], "total_ms": round(med[t], 2),
+                   "x_best": round(med[t] / med[str(best)], 3), "per_n_ms": per,
+                   "ids_equal": res["ids_switched"][t] == ref}
+        print(f"{label:>14} {med[t]:>9.1f} {rows[t]['x_best']:>7.3f}  "
+              f"{str(rows[t]['ids_equal']):5}  "
+              + " ".join(f"{n}:{v:.1f}" for n, v in per.items()))
+    return {"part": "threshold-switch", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "settings": {k: v for k, v in vars(args).items()
+                                                   if k not in ("json", "func")},
+            "best_fixed": best, "auto": auto_value, "how": how, "rows": rows,
+            "startup_s": res["startup_s"], "totals": totals}
+
+
+def run_threshold(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "python"))
+    if args.switch:
+        return run_threshold_switch(args, machine)
+    load_before = load_average()
+    t_start = time.time()
+    print(f"vllm_bench threshold: {machine_line(machine)}; load average before "
+          f"{_fmt_load(load_before)}", flush=True)
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="vllm_bench_thr_") as d:
+        tmp = Path(args.keep_dir) if args.keep_dir else Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model = _make_checkpoint(tmp / "llama512-fp32", "fp32")
+        # Every batch sharded / replicated: the sweep of fixed thresholds is composed from
+        # these two, then the best one runs for real.
+        runs["all sharded"] = _threshold_engine(tmp, model, "all-sharded", "0", args)
+        runs["all replicated"] = _threshold_engine(tmp, model, "all-replicated",
+                                                   str(ALWAYS_REPLICATED), args)
+        runs["auto"] = _threshold_engine(tmp, model, "auto", "auto", args)
+        runs["auto (cached)"] = _threshold_engine(tmp, model, "auto-cached", "auto", args)
+        runs["1000"] = _threshold_engine(tmp, model, "1000", "1000", args)
+        sh, rep = runs["all sharded"]["ladder_ms"], runs["all replicated"]["ladder_ms"]
+        sweep = {t: round(composed_total(t, sh, rep), 2)
+                 for t in [0, *args.ladder]}
+        best = min(sweep, key=lambda t: (sweep[t], t))
+        runs["best fixed"] = _threshold_engine(tmp, model, "best-fixed", str(best), args)
+    load_after = load_average()
+    head = (f"vllm_bench threshold: Llama hidden 512, 4 layers, fp32, tp={args.tp}, compile "
+            f"{args.compile}; prefill of 4 prompts per batch of n tokens, n in "
+            f"{list(args.ladder)}, each the median of {args.repeats} after {args.warmups} "
+            f"warm-ups; {time.time() - t_start:.0f} s\n{machine_line(machine)}\n"
+            f"load average (1/5/15 min) before {_fmt_load(load_before)}, after "
+            f"{_fmt_load(load_after)}")
+    print(head)
+    ref = runs["all replicated"]["ids_ladder"]
+    print(f"{'engine':16} {'sp_threshold':>12} {'ladder total ms':>16} {'composed':>9} "
+          f"{'start-up s':>10}  ids = all-replicated  per n (ms)")
+    for name, r in runs.items():
+        thr = r["sp_threshold"]
+        comp = composed_total(thr, sh, rep) if isinstance(thr, int) else float("nan")
+        per = " ".join(f"{k}:{v:.1f}" for k, v in r["ladder_ms"].items())
+        print(f"{name:16} {str(thr):>12} {r['total_ms']:>16.2f} {comp:>9.2f} "
+              f"{r['startup_s']:>10}  {str(r['ids_ladder'] == ref):5}  {per}")
+    print(f"composed sweep (ms): {sweep}; best fixed {best}")
+    return {"part": "threshold", "machine": machine, "load_before": load_before,
+            "load_after": load_after, "settings": {k: v for k, v in vars(args).items()
+                                                   if k not in ("json", "func")},
+            "sweep_ms": sweep, "best_fixed": best, "runs": runs}
+
+
 def run_e2e_tiny_qwen3(args: argparse.Namespace, machine: dict[str, Any]) -> dict[str, Any]:
     """The earlier case: tiny Qwen3 (hidden 128, 2 layers) fp32, prefill 4 x 100 tokens,
     decode 4 sequences, sp_threshold 16, eager, through flashcomm.tools.vllm_engine."""
@@ -828,8 +1002,23 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--sp-threshold", type=int, default=1000,
                     help="flashcomm runs sharded above this n (default 1000)")
     lp.add_argument("--tp", type=int, default=2, help="ranks (default 2)")
+    tp_ = sub.add_parser("threshold", help="sp_threshold auto against fixed, end to end",
+                         description=_doc_section("threshold --", "Set FLASHCOMM_LIB"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    tp_.add_argument("--ladder", type=_int_list, default=list(THRESHOLD_LADDER),
+                     help="batch sizes in tokens (default %(default)s)")
+    tp_.add_argument("--repeats", type=int, default=5, help="default 5")
+    tp_.add_argument("--warmups", type=int, default=2, help="default 2")
+    tp_.add_argument("--compile", choices=("inductor", "eager"), default="inductor")
+    tp_.add_argument("--tp", type=int, default=2)
+    tp_.add_argument("--engine-timeout", type=int, default=1800)
+    tp_.add_argument("--keep-dir", default=None)
+    tp_.add_argument("--switch", action="store_true",
+                     help="one uncompiled engine, every threshold switched in it round "
+                          "robin (--repeats rounds): robust to a load that drifts")
+    tp_.add_argument("--json", default=None, help="write figures and samples here")
     ep = sub.add_parser("e2e", help="vllm.LLM with flashcomm off / on / on-own",
-                        description=_doc_section("e2e --", "Set FLASHCOMM_LIB") + "\n\n"
+                        description=_doc_section("e2e --", "threshold --") + "\n\n"
                         + _doc_section("Set FLASHCOMM_LIB", ""), formatter_class=raw)
     ep.add_argument("--kinds", type=_kinds, default=list(KINDS),
                     help="checkpoint kinds, comma list of fp32,bf16,w8a8 (default all)")
@@ -869,6 +1058,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.what == "layers":
         res = run_layers(args, machine)
         failures: list[str] = []
+    elif args.what == "threshold":
+        res = run_threshold(args, machine)
+        if args.switch:
+            failures = [f"sp_threshold {t}: greedy ids differ from the never-sharded pass"
+                        for t, r in res["rows"].items() if not r["ids_equal"]]
+        else:
+            ref = res["runs"]["all replicated"]["ids_ladder"]
+            failures = [f"{name}: greedy ids differ from the all-replicated engine"
+                        for name, r in res["runs"].items() if r["ids_ladder"] != ref]
     else:
         res = run_e2e(args, machine)
         failures = e2e_failures(res["summary"]) if "summary" in res else []

@@ -6,7 +6,9 @@ once with ``FLASHCOMM_ENABLE=1`` and once without, on a tiny checkpoint written 
 ``scripts/make_tiny_checkpoint.py``.
 Greedy decoding of token-id prompts; ``FLASHCOMM_SP_THRESHOLD=16`` so the prefill of
 3 prompts x 12 tokens (36 tokens) runs sharded and the decode steps (3 tokens) and a
-one-prompt prefill of 8 tokens run replicated.
+one-prompt prefill of 8 tokens run replicated. The Mistral test runs the plugin's default,
+``sp_threshold=auto``: both workers must log the same measured threshold, and the modes
+counted are the ones it implies.
 
 * Compilation: vLLM's default on CPU, Inductor (Qwen3 FP, Qwen3 W8A8), and the eager
   backend that ``VLLM_CPU_CI_ENV=1`` selects (the others; faster to start). Each asserts
@@ -33,15 +35,16 @@ Skipped (with the reason) when vLLM is not importable: ``make install-vllm``
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from _vllm_cases import (BF16_TIE_NATS, CPU_VIEW, REFUSAL, expected_conversion,
+from _vllm_cases import (ACTIVE, BF16_TIE_NATS, CPU_VIEW, REFUSAL, expected_conversion,
                          missing_modes, requires_vllm)
-from flashcomm.tools.vllm_engine import (BIG, CPU_VIEWS, SMALL, make_checkpoint,
-                                         run_engine)
+from flashcomm.tools.vllm_engine import (BIG, CPU_VIEWS, SMALL, SP_THRESHOLD,
+                                         make_checkpoint, run_engine)
 
 pytestmark = requires_vllm
 
@@ -100,21 +103,42 @@ def diverged_outside_ties(on: dict, off: dict, tie_nats: float) -> list[str]:
     return bad
 
 
+def measured_threshold(on: dict, log: str) -> int:
+    """``sp_threshold=auto``: the threshold both workers measured, checked in their
+    ``flashcomm: active`` lines and in what they recorded (the same value on both)."""
+    active = [line for line in log.splitlines() if ACTIVE in line]
+    assert len(active) == 2, log[-6000:]
+    found = {}
+    for line in active:
+        m = re.search(r"TP rank (\d)/2: .* sp_threshold=(\d+) \(measured in [0-9.]+ s;", line)
+        assert m, line
+        found[int(m.group(1))] = int(m.group(2))
+    assert sorted(found) == [0, 1] and found[0] == found[1], active
+    recorded = {w["flashcomm_config"]["sp_threshold"] for w in on["workers_after"]}
+    assert recorded == {found[0]}, (recorded, found)
+    assert {w["flashcomm_config"]["sp_threshold_requested"] for w in on["workers_after"]} \
+        == {"auto"}
+    return found[0]
+
+
 def check_on_off(tmp: Path, model: Path, kind: str, dtype: str = "float32",
                  tie_nats: float | None = None, compile_backend: str = "eager",
-                 cpu_view: str = CPU_VIEW) -> tuple[dict, dict]:
-    """vLLM with flashcomm off, then on, in the same environment. ``tie_nats=None``:
-    greedy ids identical; else identical except after near-ties. ``kind``: "fp" or
-    "w8a8" (CONVERSION)."""
+                 cpu_view: str = CPU_VIEW, sp_threshold: str = str(SP_THRESHOLD)
+                 ) -> tuple[dict, dict]:
+    """vLLM with flashcomm off, then on (at ``sp_threshold``), in the same environment.
+    ``tie_nats=None``: greedy ids identical; else identical except after near-ties.
+    ``kind``: "fp" or "w8a8" (CONVERSION). ``sp_threshold="auto"``: the workers log the
+    same measured threshold, and the modes counted are those it implies."""
     lp = tie_nats is not None
-    runs = {}
+    runs, logs = {}, {}
     for enable in (False, True):
         res, log = run_engine(tmp, model, enable=enable, dtype=dtype, logprobs=lp,
-                              compile_backend=compile_backend, cpu_view=cpu_view)
+                              compile_backend=compile_backend, cpu_view=cpu_view,
+                              env={"FLASHCOMM_SP_THRESHOLD": sp_threshold})
         assert res is not None, (f"vLLM run {'with' if enable else 'without'} flashcomm "
                                  f"failed ({dtype}, {compile_backend}, CPU view "
                                  f"{cpu_view or 'real'}):\n{log[-6000:]}")
-        runs[enable] = res
+        runs[enable], logs[enable] = res, log
     off, on = runs[False], runs[True]
     print(f"\n{model.name} {dtype} {compile_backend} (CPU view {cpu_view or 'real'}): off "
           f"{off['wall_s']} s, on {on['wall_s']} s", file=sys.stderr)
@@ -136,6 +160,11 @@ def check_on_off(tmp: Path, model: Path, kind: str, dtype: str = "float32",
               file=sys.stderr)
 
     assert len(on["workers_after"]) == 2
+    # The batches of the checked pass: prefills of 8 (SMALL) and 36 (BIG) tokens, decode
+    # steps of 1 and 3: sharded above the threshold, replicated up to it.
+    threshold = measured_threshold(on, logs[True]) if sp_threshold == "auto" \
+        else int(sp_threshold)
+    modes = {"sharded" if n > threshold else "replicated" for n in (1, 3, 8, 36)}
     for before, after, plain in zip(on["workers_before"], on["workers_after"],
                                     off["workers_after"]):
         expected = expected_conversion(kind, after)
@@ -153,8 +182,12 @@ def check_on_off(tmp: Path, model: Path, kind: str, dtype: str = "float32",
         assert after["all_reduce_provider"] == "", after
         # Counted during the checked generate calls only: batches above and below
         # SP_THRESHOLD ran, so every op group ran in both modes in every worker.
-        missing = missing_modes(after["stats"], expected)
+        missing = [m for m in missing_modes(after["stats"], expected)
+                   if m.rsplit(" ", 1)[1] in modes]
         assert not missing, (missing, after["stats"])
+        counted = {mode for counts in after["stats"].values() for mode, calls in
+                   counts.items() if calls and mode in ("replicated", "sharded")}
+        assert counted == modes, (threshold, after["stats"])
         # No recompilation: the dynamo counters did not move while batches below and
         # above the threshold ran; one graph, with flashcomm on as off.
         assert after["dynamo"] == before["dynamo"], (before["dynamo"], after["dynamo"])
@@ -212,8 +245,10 @@ def test_llama_w8a8_static_fp32_identical_tokens(tmp_path):
 
 def test_mistral_fp_identical_tokens(tmp_path):
     # vLLM builds Mistral with its own classes (MistralForCausalLM / MistralDecoderLayer).
+    # sp_threshold=auto (the default): both workers measure the same threshold at
+    # start-up, log it, run the modes it implies, and the greedy ids stay identical.
     model = make_checkpoint(tmp_path, "mistral", "--arch", "mistral")
-    check_on_off(tmp_path, model, "fp")
+    check_on_off(tmp_path, model, "fp", sp_threshold="auto")
 
 
 def _vllm_config(model: Path, **kwargs):

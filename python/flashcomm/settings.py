@@ -213,15 +213,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FLASHCOMM_ENABLE", "bool", False, scope="vllm", key="enable",
             doc="turn flashcomm on in vLLM (off: vLLM unchanged); `flashcomm serve` "
                 "defaults the variable to 1"),
-    Setting("FLASHCOMM_SP_THRESHOLD", "int", 1000, scope="vllm", key="sp_threshold",
+    Setting("FLASHCOMM_SP_THRESHOLD", "int", "auto", scope="vllm", key="sp_threshold",
             words=("auto",), lo=0,
             doc="forwards with more tokens than this run sequence-parallel (sharded), the "
                 "others as plain TP (replicated); raised to vLLM's largest CUDA-graph "
-                "capture size; `auto`: measured at start-up (not in this build yet: refused)"),
+                "capture size; `auto`: the crossover of the model's own boundary, measured "
+                "at start-up and cached (README, \"sp_threshold=auto\")"),
     Setting("FLASHCOMM_TUNING_FILE", "path", None, scope="vllm", key="tuning_file",
             default_text="none",
-            doc="a table written by `flashcomm tune`, whose measured thresholds the plugin "
-                "uses (not in this build yet: refused)"),
+            doc="a table written by `flashcomm tune`: its kernel crossovers apply, and its "
+                "`sp_threshold`, when it has one, replaces `auto`"),
     Setting("FLASHCOMM_THRESHOLD", "int", -1, scope="vllm", key="threshold", lo=-1,
             default_text="-1 (auto)",
             doc="the pipelining threshold of flashcomm's fused GEMMs (`gemm=flashcomm` "
@@ -309,6 +310,15 @@ RESERVED_KEYS = (RECORD_KEY,)
 assert len(BY_ENV) == len(SETTINGS) and all(s.env.startswith(PREFIX) for s in SETTINGS)
 assert all(s.scope in SCOPES and s.kind in KINDS for s in SETTINGS)
 assert not any(s.key and s.scope in ("test", "build") for s in SETTINGS)
+
+
+def conversion_record(additional_config: Any) -> dict[str, Any]:
+    """A copy of what the vLLM plugin's conversion recorded in
+    ``additional_config["flashcomm"][RECORD_KEY]`` (the settings the converted layers
+    bake in, which enter vLLM's compile cache key); {} if nothing."""
+    section = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
+    record = section.get(RECORD_KEY) if isinstance(section, dict) else None
+    return dict(record) if isinstance(record, dict) else {}
 
 
 def setting(name: str) -> Setting:

@@ -6,7 +6,9 @@
   (or ``FLASHCOMM_ENABLE=1``) it makes vLLM's parallel
   linear layers and boundary RMSNorms of supported dense decoders (Llama, Mistral,
   Qwen2, Qwen3; FP and compressed-tensors W8A8 int8) run through flashcomm's
-  layout-invariant ops, with no change to vLLM's model code. Settings:
+  layout-invariant ops, with no change to vLLM's model code. Threshold:
+  ``sp_threshold`` (tokens per forward, default ``auto``: measured at start-up by
+  :mod:`flashcomm.vllm.calibration`). Settings:
   :func:`flashcomm.vllm.plugin.resolve_settings` (table: :mod:`flashcomm.settings`).
 * :mod:`flashcomm.vllm.linear_method`: LinearMethod wrappers calling the compact ops
   (``gemm_rs`` / ``ag_gemm``) for users who write their own sequence-parallel models,

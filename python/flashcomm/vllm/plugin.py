@@ -31,6 +31,12 @@ library's settings (``transport``, ``shm_bytes``, ...) given there are exported 
 worker's environment before flashcomm's first collective, where its C++ code reads them.
 An unknown key is a warning naming the closest valid one.
 
+With ``sp_threshold=auto`` (the default) the wrapped ``load_model``, once the weights
+have loaded and before the first forward, measures the threshold (or reads it from the
+cache) and switches the converted layers to it
+(:func:`flashcomm.vllm.calibration.after_load`); an explicit number, or the
+``sp_threshold`` of a ``tuning_file`` table, skips the measurement.
+
 The conversion records what the converted layers bake in (c10d group name, thresholds,
 GEMM form, transport, all-reduce provider) under
 ``additional_config["flashcomm"]["_conversion"]``, beside the user's keys, which it never
@@ -63,7 +69,7 @@ from typing import Any, Callable, Optional, Union
 from flashcomm import settings as _settings
 from flashcomm._atomic_write import write_json_atomic
 
-from . import _compat
+from . import _compat, calibration
 
 ENV_ENABLE = "FLASHCOMM_ENABLE"
 DEFAULT_STATS_INTERVAL_S = float(_settings.setting("stats_interval").default)
@@ -87,7 +93,7 @@ class PluginSettings:
     to the worker's environment; ``sources``: setting key -> where its value came from."""
 
     enable: bool = False
-    sp_threshold: Union[int, str] = int(_settings.setting("sp_threshold").default)
+    sp_threshold: Union[int, str] = _settings.setting("sp_threshold").default
     tuning_file: Optional[str] = None
     threshold: int = -1
     gemm: str = "auto"
@@ -272,31 +278,36 @@ def _patch_model_loader(module: Any = None) -> None:
         try:
             _activate(resolved)
             layers.check_config(vllm_config)  # refuse before anything is built
-            if resolved.sp_threshold == "auto":
-                raise _compat.refuse("sp_threshold='auto' (a measured threshold) is not "
-                                     "available in this build; give a number of tokens")
-            if resolved.tuning_file:
-                raise _compat.refuse("tuning_file is not read by this build (nothing would "
-                                     "use it); remove it")
-            spt, thr = int(resolved.sp_threshold), int(resolved.threshold)
+            thr = int(resolved.threshold)
             model = original(self, vllm_config=vllm_config, model_config=model_config,
                              prefix=prefix)
-            converted = layers.convert_model(model, vllm_config, spt, thr,
+            start, how = calibration.initial_threshold(resolved.sp_threshold,
+                                                       resolved.tuning_file)
+            converted = layers.convert_model(model, vllm_config, start, thr,
                                              resolved.vllm_all_reduce, resolved.gemm)
         except _compat.FlashcommUnsupportedError as e:
             logger.error("%s", e)
             raise
-        record = _conversion_record(vllm_config)
-        effective = int(record.get("sp_threshold", spt))  # raised above CUDA-graph sizes
-        _log_active(model, vllm_config, converted, effective, thr)
-        if resolved.stats_file:
-            _start_stats_writer(resolved.stats_file, converted, effective, record,
-                                resolved.stats_interval)
+        if how == calibration.AUTO:  # measured once the weights load: _announce then
+            calibration.defer(model, vllm_config, converted, thr)
+            return model
+        _announce(model, vllm_config, converted, thr, how)
         return model
 
     create_model._flashcomm_wrapped = True
     BaseModelLoader.create_model = create_model
     _watch_loaders(BaseModelLoader)
+
+
+def _announce(model: Any, vllm_config: Any, converted: int, thr: int, how: str) -> None:
+    """The ``flashcomm: active`` line and the stats writer, once the threshold is known."""
+    record = _conversion_record(vllm_config)
+    effective = int(record["sp_threshold"])  # raised above CUDA-graph sizes
+    _log_active(model, vllm_config, converted, effective, thr, how)
+    resolved = resolve_settings(getattr(vllm_config, "additional_config", None))
+    if resolved.stats_file:
+        _start_stats_writer(resolved.stats_file, converted, effective, record,
+                            resolved.stats_interval)
 
 
 def _converted(model: Any) -> bool:
@@ -327,6 +338,10 @@ def _wrap_load_model(cls: type) -> None:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         model = original(self, *args, **kwargs)
+        if calibration.pending(model):  # weights loaded, nothing compiled yet
+            p = model.__dict__["_fc_calibration"]
+            _, how = calibration.after_load(model)
+            _announce(model, p.vllm_config, p.converted, p.threshold, how)
         if (not _converted(model) and not getattr(model, "_flashcomm_unconverted", False)
                 and _enabled_for(args, kwargs)):
             try:
@@ -387,13 +402,11 @@ def _conversion_record(vllm_config: Any) -> dict[str, Any]:
     """What :func:`flashcomm.vllm.layers.convert_model` recorded in the worker's
     ``additional_config["flashcomm"]["_conversion"]`` (the settings that enter vLLM's
     compile cache key: GEMM form, transport, all-reduce provider, ...); {} if nothing."""
-    extra = getattr(vllm_config, "additional_config", None)
-    section = extra.get(_settings.CONFIG_KEY) if isinstance(extra, dict) else None
-    record = section.get(RECORD_KEY) if isinstance(section, dict) else None
-    return dict(record) if isinstance(record, dict) else {}
+    return _settings.conversion_record(getattr(vllm_config, "additional_config", None))
 
 
-def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int) -> None:
+def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int,
+                how: str = "set") -> None:
     """The one INFO line per worker that says flashcomm is on, and how."""
     import flashcomm
     info, record = _tp_group_info(), _conversion_record(vllm_config)
@@ -401,11 +414,11 @@ def _log_active(model: Any, vllm_config: Any, converted: int, spt: int, thr: int
     transport = record.get("transport") or flashcomm.transport(info["group"])
     all_reduce = record.get("all_reduce") or flashcomm.all_reduce_provider(info["group"])
     logger.info(
-        "%s on TP rank %d/%d: converted %d modules of %s (%s%s), sp_threshold=%d (sequence "
-        "parallel above %d tokens), kernel threshold=%s, group '%s', transport %s, "
+        "%s on TP rank %d/%d: converted %d modules of %s (%s%s), sp_threshold=%d (%s; "
+        "sequence parallel above %d tokens), kernel threshold=%s, group '%s', transport %s, "
         "replicated all-reduce via %s", ACTIVE_MARKER, info["rank"], info["tp_size"],
         converted, type(model).__name__, "W8A8" if w8a8 else "FP",
-        f", GEMMs by {record['gemm']}" if record.get("gemm") else "", spt, spt,
+        f", GEMMs by {record['gemm']}" if record.get("gemm") else "", spt, how, spt,
         "auto" if thr < 0 else thr, info["group"], transport, all_reduce or transport)
 
 

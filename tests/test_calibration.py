@@ -77,14 +77,18 @@ def test_cache_key_ignores_the_threshold_it_stores(tmp_path):
     cfg = VllmConfig(model_config=ModelConfig(model=str(model), skip_tokenizer_init=True,
                                               dtype="float32"))
     base = {"gemm": "engine", "transport": "shm", "group": "1"}
-    cfg.additional_config = {"flashcomm": {**base, "sp_threshold": 1000,
-                                           "sp_threshold_requested": 1000}}
+    # The user's keys beside the conversion record (settings.RECORD_KEY).
+    cfg.additional_config = {"flashcomm": {"enable": True, "sp_threshold": "auto",
+                                           settings.RECORD_KEY: {
+                                               **base, "sp_threshold": 1000,
+                                               "sp_threshold_requested": 1000}}}
+    record = cfg.additional_config["flashcomm"][settings.RECORD_KEY]
     before, compile_before = cal.stable_config_hash(cfg), cfg.compute_hash()
-    cfg.additional_config["flashcomm"].update(sp_threshold=184, sp_threshold_requested="auto")
+    record.update(sp_threshold=184, sp_threshold_requested="auto")
     assert cal.stable_config_hash(cfg) == before
     assert cfg.compute_hash() != compile_before  # the compiled graph does see it
-    assert cfg.additional_config["flashcomm"]["sp_threshold"] == 184  # restored
-    cfg.additional_config["flashcomm"]["gemm"] = "flashcomm"
+    assert settings.conversion_record(cfg.additional_config)["sp_threshold"] == 184  # restored
+    record["gemm"] = "flashcomm"
     assert cal.stable_config_hash(cfg) != before
     facts = {"tp": 2, "ladder": [16, 32]}
     key = cal.cache_key(before, facts)

@@ -573,8 +573,10 @@ def convert_model(model: nn.Module, vllm_config: Any, sp_threshold: int,
                    enabled=True)
     # Replicated (decode-sized) calls may all-reduce through vLLM's own communicator for
     # this group (custom all-reduce / pynccl on CUDA, shared memory on CPU) instead of
-    # flashcomm's transport. Unset: flashcomm's when it is shared memory (faster than
-    # vLLM's on CPU), vLLM's otherwise. Every worker decides the same.
+    # flashcomm's transport. Unset: flashcomm's when it is shared memory (on CPU: a
+    # Python call into vllm::all_reduce costs ~20 us more per layer, and vLLM's AVX2
+    # build all-reduces over gloo; BENCHMARKS.md), vLLM's otherwise. Every worker
+    # decides the same.
     provider = ""
     if vllm_all_reduce is None:
         vllm_all_reduce = flashcomm.transport(gname) != "shm"

@@ -14,7 +14,9 @@ Per model (a preset of ``scripts/make_tiny_checkpoint.py`` at each depth of
   late), each started as a user starts it (``flashcomm serve MODEL
   --tensor-parallel-size 2 ...``; off: ``FLASHCOMM_ENABLE=0``), warmed up with a few
   requests of every length class, then the client at every rate of ``--rates``
-  (``inf``: all requests at once, the saturation throughput), greedy, EOS ignored.
+  (``inf``: all requests at once, the saturation throughput; ``0.4x``: 0.4 times the
+  request throughput the model's first server reached at ``inf``, the same absolute rate
+  for every server), greedy, EOS ignored, Poisson arrivals seeded alike for every server.
   Prefix caching is off so that no rate reuses another's prompts.
 * per run: vLLM's figures (TTFT, TPOT, ITL, end-to-end latency: mean, p50, p90, p99;
   output throughput) and TTFT p50 of the long prompts (>= ``--long-tokens``), from the
@@ -87,6 +89,7 @@ STATS_INTERVAL_S = 2
 # every prompt class, so the run time grows with the depth. See BENCHMARKS.md.
 DEFAULT_LAYERS = {"qwen3-0.6b": (4, 8), "llama-3.2-1b": (2, 4), "tiny": (2,)}
 # A prompt class: (share of the requests, prompt tokens lo-hi, output tokens lo-hi).
+DEFAULT_RATES = "0.4x,0.8x,inf"
 DEFAULT_MIX = "0.5:64-256:64-128,0.3:512-1024:64-128,0.2:2048-3072:32-64"
 
 
@@ -118,19 +121,35 @@ def parse_mix(text: str) -> list[PromptClass]:
     return [PromptClass(c.share / total, c.prompt, c.output) for c in out]
 
 
-def parse_rates(text: str) -> list[float]:
+def parse_rates(text: str) -> list[str]:
+    """Rate specs: ``R`` req/s, ``Fx`` (F times the saturation request throughput that
+    the first server of a model measures at ``inf``) or ``inf``; inf runs first when
+    there is an ``Fx`` (which needs it)."""
     rates = []
     for item in text.split(","):
         try:
-            r = float(item)
+            r = float(item[:-1] if item.endswith("x") else item)
         except ValueError:
             r = -1.0
-        if not r > 0:
+        if not r > 0 or (item.endswith("x") and math.isinf(r)):
             raise argparse.ArgumentTypeError(
-                f"--rates: expected request rates > 0 (req/s) or inf, separated by commas, "
-                f"got {item!r}")
-        rates.append(r)
+                f"--rates: expected request rates > 0 (req/s), fractions of the saturation "
+                f"throughput (e.g. 0.5x) or inf, separated by commas, got {item!r}")
+        rates.append("inf" if math.isinf(r) else item)
+    if any(r.endswith("x") for r in rates):
+        if "inf" not in rates:
+            raise argparse.ArgumentTypeError(
+                f"--rates: a relative rate (Fx) needs inf in the list (its saturation "
+                f"throughput), got {text!r}")
+        rates = ["inf"] + [r for r in rates if r != "inf"]
     return rates
+
+
+def rate_value(spec: str, saturation_rps: Optional[float]) -> float:
+    """Requests per second of a rate spec (``saturation_rps``: for ``Fx`` specs)."""
+    if spec.endswith("x"):
+        return round(float(spec[:-1]) * saturation_rps, 3)
+    return float(spec)
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -150,10 +169,6 @@ def parse_order(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"--order: expected 'on' / 'off' items separated by "
                                          f"commas (e.g. on,off,off,on), got {text!r}")
     return order
-
-
-def rate_name(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def load_average() -> list[float]:
@@ -188,7 +203,7 @@ def make_model(work: Path, preset: str, layers: int, dtype: str, max_len: int) -
     return d
 
 
-def write_prompt_sets(model: Path, mix: list[PromptClass], rates: list[float],
+def write_prompt_sets(model: Path, mix: list[PromptClass], rates: list[str],
                       num_prompts: int, warmup_per_class: int, seed: int,
                       out_dir: Path) -> dict[str, Path]:
     """One JSONL prompt set per rate (``{"prompt": text, "output_tokens": n}`` rows, as
@@ -225,9 +240,9 @@ def write_prompt_sets(model: Path, mix: list[PromptClass], rates: list[float],
                     for _ in range(num_prompts)]
         else:
             rows = warm
-        path = out_dir / f"prompts_{rate if rate == 'warmup' else rate_name(rate)}.jsonl"
+        path = out_dir / f"prompts_{rate}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        sets[rate if rate == "warmup" else rate_name(rate)] = path
+        sets[rate] = path
     return sets
 
 
@@ -282,6 +297,9 @@ class ServeProcess:
         self.log_path = work / f"serve_{tag}.log"
         self.trace_prefix = work / f"trace_{tag}"
         self.stats_prefix = work / f"stats_{tag}"
+        for prefix in (self.trace_prefix, self.stats_prefix):  # an earlier run's, in --work-dir
+            for old in prefix.parent.glob(prefix.name + ".*"):
+                old.unlink()
         self.cmd = [sys.executable, "-m", "flashcomm", "serve", str(model),
                     "--tensor-parallel-size", "2", "--dtype", dtype,
                     "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
@@ -545,7 +563,7 @@ class Config:
     presets: list[str]
     layers: dict[str, list[int]]
     dtype: str = "bfloat16"
-    rates: list[float] = field(default_factory=lambda: [1.0, 2.0, math.inf])
+    rates: list[str] = field(default_factory=lambda: parse_rates(DEFAULT_RATES))
     num_prompts: int = 32
     warmup_per_class: int = 1
     mix: list[PromptClass] = field(default_factory=lambda: parse_mix(DEFAULT_MIX))
@@ -593,17 +611,20 @@ def run_model(cfg: Config, preset: str, layers: int, work: Path,
             warm = run_client(srv.port, model, sets["warmup"], math.inf, cfg.seed)
             windows["warmup"] = (t, time.time())
             srv_rec["warmup"] = client_figures(warm, cfg.long_tokens)
-            for rate in cfg.rates:
-                name = rate_name(rate)
+            for name in cfg.rates:
+                if name.endswith("x") and "saturation_rps" not in rec:
+                    rec["saturation_rps"] = srv_rec["runs"]["inf"]["request_throughput"]
+                rate = rate_value(name, rec.get("saturation_rps"))
                 load0, t = load_average(), time.time()
                 res = run_client(srv.port, model, sets[name], rate, cfg.seed)
                 windows[name] = (t, time.time())
                 fig = client_figures(res, cfg.long_tokens)
-                fig.update({"load_before": load0, "load_after": load_average(),
+                fig.update({"rate_rps": rate, "load_before": load0, "load_after": load_average(),
                             "wall_s": round(windows[name][1] - t, 1)})
                 srv_rec["runs"][name] = fig
-                log(f"    rate {name:>4}: TTFT p50 {_f(fig['median_ttft_ms'])} ms, TPOT p50 "
-                    f"{_f(fig['median_tpot_ms'])} ms, {_f(fig['output_throughput'])} tok/s, "
+                log(f"    rate {name:>5} ({rate:g}/s): TTFT p50 {_f(fig['median_ttft_ms'])} ms, "
+                    f"TPOT p50 {_f(fig['median_tpot_ms'])} ms, "
+                    f"{_f(fig['output_throughput'])} tok/s, "
                     f"{fig['completed']}/{cfg.num_prompts} ok, {fig['wall_s']} s, "
                     f"load {fig['load_after']}")
             docs = srv.stats_docs() if mode == "on" else []
@@ -654,12 +675,11 @@ FIGURES = [("median_ttft_ms", "TTFT p50 ms", True), ("p99_ttft_ms", "TTFT p99 ms
            ("output_throughput", "out tok/s", False)]
 
 
-def summarize(rec: dict[str, Any], rates: list[float]) -> dict[str, Any]:
+def summarize(rec: dict[str, Any], rates: list[str]) -> dict[str, Any]:
     """Per rate and figure: each mode's values (one per server), their mean, on/off."""
     out: dict[str, Any] = {}
-    for rate in rates:
-        name = rate_name(rate)
-        row: dict[str, Any] = {}
+    for name in rates:
+        row: dict[str, Any] = {"rate_rps": rate_value(name, rec.get("saturation_rps"))}
         for key, _, _ in FIGURES:
             vals = {m: [s["runs"][name][key] for s in rec["servers"]
                         if s["mode"] == m and s["runs"][name].get(key) is not None]
@@ -682,10 +702,12 @@ def summarize(rec: dict[str, Any], rates: list[float]) -> dict[str, Any]:
     return out
 
 
-def per_layer(models: list[dict[str, Any]], rates: list[float]) -> list[dict[str, Any]]:
+def per_layer(models: list[dict[str, Any]], rates: list[str]) -> list[dict[str, Any]]:
     """For each preset run at two or more depths: per rate and latency figure, the
-    on - off difference per layer at each depth and the slope ratio between the
-    shallowest and the deepest (throughput as its inverse: seconds per output token)."""
+    on - off difference per layer at each depth, the slope ratio between the shallowest
+    and the deepest, and the on/off ratio extrapolated to the real model's depth along
+    that line (throughput as its inverse: ms per output token)."""
+    full_depth = {k: v["num_layers"] for k, v in checkpoint_module().PRESETS.items()}
     rows = []
     by_preset: dict[str, list[dict[str, Any]]] = {}
     for m in models:
@@ -695,8 +717,7 @@ def per_layer(models: list[dict[str, Any]], rates: list[float]) -> list[dict[str
         if len(ms) < 2:
             continue
         lo, hi = ms[0], ms[-1]
-        for rate in rates:
-            name = rate_name(rate)
+        for name in rates:
             for key, label, lower in FIGURES:
                 def val(m, mode):
                     v = m["summary"][name][key][mode]
@@ -709,6 +730,13 @@ def per_layer(models: list[dict[str, Any]], rates: list[float]) -> list[dict[str
                     continue
                 d_on = vals[(hi["layers"], "on")] - vals[(lo["layers"], "on")]
                 d_off = vals[(hi["layers"], "off")] - vals[(lo["layers"], "off")]
+                span = hi["layers"] - lo["layers"]
+                full = full_depth.get(preset)
+                at_full = None
+                if full and d_off > 0:
+                    def extrapolate(mode, d):
+                        return vals[(hi["layers"], mode)] + d / span * (full - hi["layers"])
+                    at_full = extrapolate("on", d_on) / extrapolate("off", d_off)
                 rows.append({
                     "preset": preset, "rate": name, "figure": key if lower else
                     "ms_per_output_token", "label": label if lower else "ms/out tok",
@@ -718,7 +746,8 @@ def per_layer(models: list[dict[str, Any]], rates: list[float]) -> list[dict[str
                         for m in (lo, hi)],
                     "ratio_at_depth": [vals[(m["layers"], "on")] / vals[(m["layers"], "off")]
                                        for m in (lo, hi)],
-                    "slope_ratio": d_on / d_off if d_off > 0 else None})
+                    "slope_ratio": d_on / d_off if d_off > 0 else None,
+                    "full_depth": full, "ratio_at_full_depth": at_full})
     return rows
 
 
@@ -750,7 +779,7 @@ def format_report(doc: dict[str, Any]) -> str:
                      for k, _, _ in FIGURES]
             tr = row["trace"]["on"] if row["trace"]["on"]["steps"] else row["trace"]["off"]
             share = tr.get("above_time_share")
-            lines.append(f"| {name} | " + " | ".join(cells) +
+            lines.append(f"| {name} ({row['rate_rps']:.3g}/s) | " + " | ".join(cells) +
                          f" | {tr['above']} ({tr['above_with_decodes']}) / {tr['steps']} | "
                          f"{'-' if share is None else f'{100 * share:.0f} %'} |")
         mism = sum(r["trace"]["on"].get("rule_mismatches", 0) for r in m["summary"].values())
@@ -763,15 +792,18 @@ def format_report(doc: dict[str, Any]) -> str:
                                  f"{fig['failed']} failed requests {fig['errors']}")
     if doc.get("per_layer"):
         lines += ["", "== per layer (two depths): on - off per layer at each depth, "
-                  "on/off at each depth, and the slope ratio (one more layer, on/off)",
+                  "on/off at each depth, the slope ratio (one more layer, on/off) and on/off "
+                  "extrapolated to the real depth along the two-depth line",
                   "| preset | rate | figure | depths | on - off per layer, ms | "
-                  "on/off at depth | slope on/off |", "|---|---|---|---|---|---|---|"]
+                  "on/off at depth | slope on/off | on/off at real depth |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in doc["per_layer"]:
             lines.append(
                 f"| {r['preset']} | {r['rate']} | {r['label']} | {r['depths']} | "
                 f"{' / '.join(_f(v, 3) for v in r['delta_per_layer_ms'])} | "
                 f"{' / '.join(_f(v, 2) for v in r['ratio_at_depth'])} | "
-                f"{_f(r['slope_ratio'], 2)} |")
+                f"{_f(r['slope_ratio'], 2)} | {_f(r['ratio_at_full_depth'], 2)} "
+                f"({r['full_depth']} layers) |")
     lines += ["", f"total wall time {doc['wall_s']} s; load before {doc['load_before']}, "
               f"after {doc['load_after']}"]
     return "\n".join(lines)
@@ -792,9 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
                                DEFAULT_LAYERS.items()) + ")")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights and activations (default %(default)s)")
-    p.add_argument("--rates", type=parse_rates, default=parse_rates("1,2,inf"),
-                   help="request rates, req/s, comma-separated; inf = all at once "
-                   "(default 1,2,inf)")
+    p.add_argument("--rates", type=parse_rates, default=parse_rates(DEFAULT_RATES),
+                   help="request rates, comma-separated: R req/s, inf (all at once: the "
+                   "saturation throughput) or Fx, F times the saturation request "
+                   "throughput the first server of each model measured at inf (the same "
+                   f"absolute rate for every server) (default {DEFAULT_RATES})")
     p.add_argument("--num-prompts", type=int, default=32,
                    help="requests per rate (default %(default)s)")
     p.add_argument("--warmup-per-class", type=int, default=1,
@@ -863,7 +897,6 @@ def run(cfg: Config, work: Path, log=print) -> dict[str, Any]:
     t0 = time.time()
     doc: dict[str, Any] = {"provenance": provenance(), "load_before": load_average()}
     cfg_doc = asdict(cfg)
-    cfg_doc["rates"] = [rate_name(r) for r in cfg.rates]
     doc["config"] = cfg_doc
     doc["models"] = []
     for preset in cfg.presets:

@@ -48,10 +48,8 @@ if "$PY" -c "import vllm" 2>/dev/null; then
   # Issue 22: flashcomm serve on/off under vLLM's own benchmark client, two real widths at
   # two depths each (8 server starts per width; set SERVE_BENCH=0 to skip these).
   if [ "${SERVE_BENCH:-1}" != 0 ]; then
-    log "serving load: flashcomm serve on/off, vLLM's benchmark client, Qwen3-0.6B width"
-    "$PY" benchmarks/serve_bench.py --preset qwen3-0.6b --out "$OUT/serve_qwen3-0.6b_cpu2"
-    log "serving load: Llama-3.2-1B width"
-    "$PY" benchmarks/serve_bench.py --preset llama-3.2-1b --out "$OUT/serve_llama-3.2-1b_cpu2"
+    log "serving load: flashcomm serve on/off, vLLM's benchmark client, two real widths"
+    "$PY" benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b --out "$OUT/serve_cpu2"
   fi
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2

@@ -83,7 +83,11 @@ ACTIVE = "flashcomm: active"  # flashcomm.vllm.plugin.ACTIVE_MARKER
 SERVED_NAME = "bench"
 READY_TIMEOUT_S = 1200
 STOP_TIMEOUT_S = 60
-STATS_INTERVAL_S = 2
+# The plugin's stats file is read for the workers' sp_threshold (written at start and at
+# exit); a long interval keeps its writer thread out of the measured steps.
+STATS_INTERVAL_S = 60
+# Step-size bins of the trace summary (tokens per step, upper bounds).
+TOKEN_BINS = (1, 16, 64, 256, 512, 1024, 2048, 4096, 8192)
 # Default depths per preset: two, for the per-layer check. Why so few: 2 cores and
 # 24 GiB (shared); every server start compiles the model (Inductor), and each rate runs
 # every prompt class, so the run time grows with the depth. See BENCHMARKS.md.
@@ -533,7 +537,12 @@ def trace_summary(steps: list[dict[str, Any]], t0: float, t1: float,
     if not win:
         return out
     ns = [s["n"] for s in win]
-    out.update({"tokens_p50": _pct(ns, 50), "tokens_max": max(ns),
+    hist: dict[str, int] = {}
+    for n in ns:
+        top = next((b for b in TOKEN_BINS if n <= b), None)
+        key = f"<={top}" if top else f">{TOKEN_BINS[-1]}"
+        hist[key] = hist.get(key, 0) + 1
+    out.update({"tokens_p50": _pct(ns, 50), "tokens_max": max(ns), "tokens_hist": hist,
                 "step_ms_total": round(sum(s["ms"] for s in win), 1)})
     modes: dict[str, int] = {}
     for s in win:
@@ -607,10 +616,11 @@ def run_model(cfg: Config, preset: str, layers: int, work: Path,
             srv_rec["ready_s"] = srv.wait_ready()
             srv_rec["load_at_ready"] = load_average()
             windows = {}
-            t = time.time()
-            warm = run_client(srv.port, model, sets["warmup"], math.inf, cfg.seed)
-            windows["warmup"] = (t, time.time())
-            srv_rec["warmup"] = client_figures(warm, cfg.long_tokens)
+            if cfg.warmup_per_class:
+                t = time.time()
+                warm = run_client(srv.port, model, sets["warmup"], math.inf, cfg.seed)
+                windows["warmup"] = (t, time.time())
+                srv_rec["warmup"] = client_figures(warm, cfg.long_tokens)
             for name in cfg.rates:
                 if name.endswith("x") and "saturation_rps" not in rec:
                     rec["saturation_rps"] = srv_rec["runs"]["inf"]["request_throughput"]

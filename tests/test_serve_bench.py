@@ -1,8 +1,8 @@
 """Smoke run of ``benchmarks/serve_bench.py`` (issue 22), so that the serving benchmark
 keeps working: one ``flashcomm serve`` server with flashcomm on (the off server is the
 same command with FLASHCOMM_ENABLE=0, which tests/test_vllm_serve.py starts), the tests'
-tiny Qwen3 width with its trained tokenizer, vLLM's eager backend, one rate (all requests
-at once), four requests. Not a timing test: it checks that the benchmark produces its
+tiny Qwen3 width with its trained tokenizer, vLLM's eager backend, four requests at the
+saturation rate (all at once) and at half the request throughput that reached. Not a timing test: it checks that the benchmark produces its
 results files with sane fields, that the per-step trace saw both modes and that every
 step's counted mode follows the rule (sharded iff tokens > sp_threshold).
 
@@ -57,7 +57,7 @@ def test_serve_bench_smoke(tmp_path):
     sb = _serve_bench()
     out = tmp_path / "serve_smoke"
     rc = sb.main(["--preset", "tiny", "--layers", "2", "--dtype", "float32",
-                  "--compile", "eager", "--order", "on", "--rates", "inf",
+                  "--compile", "eager", "--order", "on", "--rates", "0.5x,inf",
                   "--num-prompts", "4", "--warmup-per-class", "0",
                   "--mix", "0.5:20-40:4-8,0.5:100-150:4-8", "--long-tokens", "100",
                   "--max-model-len", "512", "--sp-threshold", str(SP_THRESHOLD),
@@ -73,6 +73,10 @@ def test_serve_bench_smoke(tmp_path):
     assert model["tokenizer_entries"] == model["model_config"]["vocab_size"] == 512
     (srv,) = model["servers"]
     assert srv["mode"] == "on" and srv["active_lines"] == 2, srv
+    assert list(srv["runs"]) == ["inf", "0.5x"], srv["runs"]  # inf first: it sets 0.5x
+    assert srv["runs"]["0.5x"]["rate_rps"] == pytest.approx(
+        0.5 * srv["runs"]["inf"]["request_throughput"], rel=1e-2), srv["runs"]
+    assert srv["runs"]["0.5x"]["completed"] == 4, srv["runs"]["0.5x"]
     run = srv["runs"]["inf"]
     prompts = [json.loads(line) for line in
                (tmp_path / "work" / "prompts" / "prompts_inf.jsonl").read_text().splitlines()]

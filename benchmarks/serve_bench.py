@@ -275,16 +275,21 @@ def _pids_in_group(pgid: int) -> list[int]:
     return pids
 
 
-def _trace_plugin_path(work: Path) -> str:
-    """A dist-info declaring serve_step_trace.register as a vLLM general plugin (with
-    benchmarks/ on the path, the module imports from there)."""
+def trace_env(work: Path, prefix: Path, pythonpath: str) -> dict[str, str]:
+    """The settings that make a vLLM server's workers write the per-step trace
+    ``PREFIX.rank<R>.jsonl`` (benchmarks/serve_step_trace.py): a dist-info under ``work``
+    declaring it as a vLLM general plugin, and benchmarks/ on the path, ahead of
+    ``pythonpath``."""
     d = work / "trace_ep" / "flashcomm_serve_bench_trace-0.0.dist-info"
     d.mkdir(parents=True, exist_ok=True)
     (d / "METADATA").write_text("Metadata-Version: 2.1\nName: flashcomm-serve-bench-trace\n"
                                 "Version: 0.0\n")
     (d / "entry_points.txt").write_text(
         "[vllm.general_plugins]\nflashcomm_serve_bench_trace = serve_step_trace:register\n")
-    return str(work / "trace_ep")
+    for old in prefix.parent.glob(prefix.name + ".rank*.jsonl"):  # an earlier run's
+        old.unlink()
+    return {"PYTHONPATH": os.pathsep.join([str(work / "trace_ep"), str(BENCH_DIR), pythonpath]),
+            TRACE_ENV: str(prefix)}
 
 
 class ServeProcess:
@@ -301,9 +306,8 @@ class ServeProcess:
         self.log_path = work / f"serve_{tag}.log"
         self.trace_prefix = work / f"trace_{tag}"
         self.stats_prefix = work / f"stats_{tag}"
-        for prefix in (self.trace_prefix, self.stats_prefix):  # an earlier run's, in --work-dir
-            for old in prefix.parent.glob(prefix.name + ".*"):
-                old.unlink()
+        for old in self.stats_prefix.parent.glob(self.stats_prefix.name + ".*"):
+            old.unlink()  # an earlier run's, in --work-dir
         self.cmd = [sys.executable, "-m", "flashcomm", "serve", str(model),
                     "--tensor-parallel-size", "2", "--dtype", dtype,
                     "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
@@ -311,8 +315,7 @@ class ServeProcess:
                     "--max-model-len", str(max_model_len), "--no-enable-prefix-caching",
                     "--disable-uvicorn-access-log", *server_args]
         env = vllm_env(work, enable, 2, compile_backend, cpu_view)
-        env["PYTHONPATH"] = os.pathsep.join([_trace_plugin_path(work), str(BENCH_DIR),
-                                             env["PYTHONPATH"]])
+        env.update(trace_env(work, self.trace_prefix, env["PYTHONPATH"]))
         # The plugin's own default (or FLASHCOMM_SP_THRESHOLD from the caller's
         # environment) unless --sp-threshold: vllm_env sets the tests' 16.
         env.pop("FLASHCOMM_SP_THRESHOLD", None)
@@ -320,8 +323,7 @@ class ServeProcess:
             env["FLASHCOMM_SP_THRESHOLD"] = os.environ["FLASHCOMM_SP_THRESHOLD"]
         if sp_threshold is not None:
             env["FLASHCOMM_SP_THRESHOLD"] = str(sp_threshold)
-        env.update({TRACE_ENV: str(self.trace_prefix),
-                    "FLASHCOMM_STATS_FILE": str(self.stats_prefix),
+        env.update({"FLASHCOMM_STATS_FILE": str(self.stats_prefix),
                     "FLASHCOMM_STATS_INTERVAL": str(STATS_INTERVAL_S)})
         self.env = env
         self.proc: Optional[subprocess.Popen] = None
@@ -425,7 +427,8 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def run_client(port: int, model: Path, prompts: Path, rate: float, seed: int,
-               percentiles: tuple[float, ...] = (50, 90, 99)) -> dict[str, Any]:
+               percentiles: tuple[float, ...] = (50, 90, 99),
+               served_name: str = SERVED_NAME) -> dict[str, Any]:
     """vLLM's benchmark client (``vllm.benchmarks.serve.benchmark``, the run behind
     ``vllm bench serve``: its request function for the "vllm" backend, its arrival
     process and its metrics) against the server on ``port``: every prompt of the set
@@ -459,7 +462,7 @@ def run_client(port: int, model: Path, prompts: Path, rate: float, seed: int,
         result = asyncio.run(benchmark(
             task_type=TaskType.GENERATION, endpoint_type="vllm",
             api_url=base + "/v1/completions", base_url=base, model_id=str(model),
-            model_name=SERVED_NAME, tokenizer=tokenizer, input_requests=requests,
+            model_name=served_name, tokenizer=tokenizer, input_requests=requests,
             logprobs=None, request_rate=rate, burstiness=1.0, disable_tqdm=True,
             num_warmups=0, profile=False,
             selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"],

@@ -315,7 +315,9 @@ def write_tokenizer(out_dir, vocab, seed, model_max_length):
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(synthetic_text(seed, 20000), trainer=trainer)
+    # ~5 sentences per entry: enough text for every merge (a larger corpus only slows it).
+    tok.train_from_iterator(synthetic_text(seed, min(20000, max(2000, 5 * vocab))),
+                            trainer=trainer)
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
     tok.save(os.path.join(out_dir, "tokenizer.json"))

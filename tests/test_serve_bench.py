@@ -1,19 +1,15 @@
-"""Smoke run of ``benchmarks/serve_bench.py`` (issue 22), so that the serving benchmark
-keeps working: one ``flashcomm serve`` server with flashcomm on (the off server is the
-same command with FLASHCOMM_ENABLE=0, which tests/test_vllm_serve.py starts), the tests'
-tiny Qwen3 width with its trained tokenizer, vLLM's eager backend, four requests at the
-saturation rate (all at once) and at half the request throughput that reached. Not a timing test: it checks that the benchmark produces its
-results files with sane fields, that the per-step trace saw both modes and that every
-step's counted mode follows the rule (sharded iff tokens > sp_threshold).
+"""``benchmarks/serve_bench.py`` (issue 22) without a server: its argument errors, its
+relative rates, its per-layer arithmetic, and the checkpoint's trained tokenizer with the
+benchmark's prompt sets.
 
-Cheap checks of the argument errors and of the checkpoint's tokenizer run without a
-server.
+Its smoke run against real servers is part of tests/test_vllm_serve.py, on the servers
+that test starts anyway (flashcomm on and off): vLLM's benchmark client, the per-step
+trace and the on/off summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,80 +17,90 @@ from pathlib import Path
 
 import pytest
 
-from _vllm_cases import requires_vllm
-
 ROOT = Path(__file__).resolve().parents[1]
-SP_THRESHOLD = 64
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import serve_bench as sb  # noqa: E402  (benchmarks/serve_bench.py)
 
-
-def _serve_bench():
-    spec = importlib.util.spec_from_file_location("serve_bench",
-                                                  ROOT / "benchmarks" / "serve_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("serve_bench", mod)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules["serve_bench"])
-    return sys.modules["serve_bench"]
+CHECKPOINT = ROOT / "scripts" / "make_tiny_checkpoint.py"
 
 
 def test_bad_arguments_name_the_option():
-    sb = _serve_bench()
     for parse, bad, name in ((sb.parse_mix, "0.5:10-5:1-2", "--mix"),
                              (sb.parse_mix, "half:1-2:1-2", "--mix"),
                              (sb.parse_rates, "1,0", "--rates"),
+                             (sb.parse_rates, "0.5x,2", "--rates"),  # Fx needs inf
                              (sb.parse_order, "on,of", "--order")):
         with pytest.raises(argparse.ArgumentTypeError, match=name):
             parse(bad)
     with pytest.raises(SystemExit, match="--max-model-len"):
         sb.config_from_args(sb.build_parser().parse_args(["--max-model-len", "512"]))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"),
-                           "/nonexistent", "--tokenizer", "--vocab-size", "300",
-                           "--tokenizer-vocab", "400"], capture_output=True, text=True)
+    with pytest.raises(SystemExit, match="--preset"):
+        sb.config_from_args(sb.build_parser().parse_args(["--preset", "qwen3"]))
+    proc = subprocess.run([sys.executable, str(CHECKPOINT), "/nonexistent", "--tokenizer",
+                           "--vocab-size", "300", "--tokenizer-vocab", "400"],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "--tokenizer-vocab" in proc.stderr, proc.stderr
 
 
-@requires_vllm
-def test_serve_bench_smoke(tmp_path):
-    sb = _serve_bench()
-    out = tmp_path / "serve_smoke"
-    rc = sb.main(["--preset", "tiny", "--layers", "2", "--dtype", "float32",
-                  "--compile", "eager", "--order", "on", "--rates", "0.5x,inf",
-                  "--num-prompts", "4", "--warmup-per-class", "0",
-                  "--mix", "0.5:20-40:4-8,0.5:100-150:4-8", "--long-tokens", "100",
-                  "--max-model-len", "512", "--sp-threshold", str(SP_THRESHOLD),
-                  "--min-free-gib", "0", "--work-dir", str(tmp_path / "work"),
-                  "--out", str(out)])
-    assert rc == 0
-    doc = json.loads(out.with_suffix(".json").read_text())
-    text = out.with_suffix(".txt").read_text()
-    assert doc["provenance"]["torch"] and doc["provenance"]["cpu_model"], doc["provenance"]
-    assert "TTFT p50 ms on / off" in text and "tiny width, 2 layers" in text, text
-    (model,) = doc["models"]
-    assert model["sp_threshold"] == SP_THRESHOLD, model["sp_threshold"]
-    assert model["tokenizer_entries"] == model["model_config"]["vocab_size"] == 512
-    (srv,) = model["servers"]
-    assert srv["mode"] == "on" and srv["active_lines"] == 2, srv
-    assert list(srv["runs"]) == ["inf", "0.5x"], srv["runs"]  # inf first: it sets 0.5x
-    assert srv["runs"]["0.5x"]["rate_rps"] == pytest.approx(
-        0.5 * srv["runs"]["inf"]["request_throughput"], rel=1e-2), srv["runs"]
-    assert srv["runs"]["0.5x"]["completed"] == 4, srv["runs"]["0.5x"]
-    run = srv["runs"]["inf"]
-    prompts = [json.loads(line) for line in
-               (tmp_path / "work" / "prompts" / "prompts_inf.jsonl").read_text().splitlines()]
-    assert run["completed"] == 4 and run["failed"] == 0, run
-    # Greedy with EOS ignored: every request generated exactly its output length.
-    assert run["total_output_tokens"] == sum(p["output_tokens"] for p in prompts), run
-    for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
-                "output_throughput"):
-        assert run[key] is not None and run[key] > 0, (key, run)
-    assert run["p99_ttft_ms"] >= run["median_ttft_ms"], run
-    assert run["long_requests"] >= 1 and run["median_ttft_long_ms"] > 0, run
-    # The per-step trace: the four prefills cross the threshold, the decodes do not;
-    # the workers' counters say which mode each step ran, as the rule says.
-    trace = srv["trace"]["summary"]["inf"]
-    assert trace["steps"] >= max(p["output_tokens"] for p in prompts), trace
-    assert trace["modes"].get("sharded", 0) >= 1 and trace["modes"].get("replicated", 0) >= 1, \
-        trace
-    assert trace["above"] >= 1 and trace["rule_mismatches"] == 0, trace
-    row = model["summary"]["inf"]
-    assert row["median_tpot_ms"]["on"] == run["median_tpot_ms"], row
-    assert row["median_tpot_ms"]["off"] is None and row["median_tpot_ms"]["ratio"] is None
+def test_relative_rates_run_after_inf():
+    assert sb.parse_rates("0.4x,0.8x,inf") == ["inf", "0.4x", "0.8x"]
+    assert sb.parse_rates("1,inf,2") == ["1", "inf", "2"]  # absolute: the order given
+    assert sb.rate_value("0.4x", 2.5) == pytest.approx(1.0)
+    assert sb.rate_value("3", None) == 3.0
+
+
+def test_per_layer_line():
+    # Latencies linear in depth L: on = 10 + 2 L, off = 10 + L (throughput 1000 / that).
+    def model(layers):
+        row = {}
+        for key, _, lower in sb.FIGURES:
+            on, off = 10 + 2 * layers, 10 + layers
+            row[key] = ({"on": on, "off": off} if lower else
+                        {"on": 1e3 / on, "off": 1e3 / off})
+        return {"preset": "qwen3-0.6b", "layers": layers, "summary": {"inf": row}}
+
+    rows = sb.per_layer([model(4), model(8)], ["inf"])
+    assert len(rows) == len(sb.FIGURES)
+    for r in rows:
+        assert r["slope_ratio"] == pytest.approx(2.0), r
+        assert r["delta_per_layer_ms"] == pytest.approx([1.0, 1.0]), r  # (on - off) / L
+        assert r["ratio_at_depth"] == pytest.approx([18 / 14, 26 / 18]), r
+        assert r["full_depth"] == 28
+        assert r["ratio_at_full_depth"] == pytest.approx(66 / 38), r
+
+
+def test_tokenizer_and_prompt_sets(tmp_path):
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    subprocess.run([sys.executable, str(CHECKPOINT), str(ckpt), "--tokenizer",
+                    "--vocab-size", "640", "--tokenizer-vocab", "512"], check=True,
+                   capture_output=True, text=True)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert tok.get_vocab_size() == 512
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>")] == [0, 1, 2]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert (cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"]) == (640, 1, 2)
+    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        # The ids the tokenizer lacks: zero rows (never picked greedily).
+        assert weights[name][512:].abs().max() == 0, name
+        assert weights[name][:512].abs().min(dim=1).values.max() > 0, name
+
+    mix = sb.parse_mix("1:30-40:5-6,1:200-220:7-8")
+    sets = sb.write_prompt_sets(ckpt, mix, ["inf", "0.5x"], 12, 2, 0, tmp_path / "a")
+    again = sb.write_prompt_sets(ckpt, mix, ["inf", "0.5x"], 12, 2, 0, tmp_path / "b")
+    assert sorted(sets) == ["0.5x", "inf", "warmup"]
+    for name, path in sets.items():
+        assert path.read_text() == again[name].read_text(), name  # seeded
+        rows = sb.load_prompts(path)
+        assert len(rows) == (4 if name == "warmup" else 12), (name, len(rows))
+        for r in rows:
+            n = len(tok.encode(r["prompt"]).ids)
+            assert abs(n - r["target_prompt_tokens"]) <= 3, (n, r)
+            assert any(c.prompt[0] <= r["target_prompt_tokens"] <= c.prompt[1] and
+                       c.output[0] <= r["output_tokens"] <= c.output[1] for c in mix), r
+    assert sets["inf"].read_text() != sets["0.5x"].read_text()  # a set per rate

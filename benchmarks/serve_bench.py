@@ -792,7 +792,8 @@ def format_report(doc: dict[str, Any]) -> str:
                      for k, _, _ in FIGURES]
             tr = row["trace"]["on"] if row["trace"]["on"]["steps"] else row["trace"]["off"]
             share = tr.get("above_time_share")
-            lines.append(f"| {name} ({row['rate_rps']:.3g}/s) | " + " | ".join(cells) +
+            label = f"{name} = {row['rate_rps']:.3g}/s" if name.endswith("x") else name
+            lines.append(f"| {label} | " + " | ".join(cells) +
                          f" | {tr['above']} ({tr['above_with_decodes']}) / {tr['steps']} | "
                          f"{'-' if share is None else f'{100 * share:.0f} %'} |")
         mism = sum(r["trace"]["on"].get("rule_mismatches", 0) for r in m["summary"].values())

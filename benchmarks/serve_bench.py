@@ -86,6 +86,12 @@ STOP_TIMEOUT_S = 60
 # The plugin's stats file is read for the workers' sp_threshold (written at start and at
 # exit); a long interval keeps its writer thread out of the measured steps.
 STATS_INTERVAL_S = 60
+# Inductor's C++ wrapper (issue 22, item 4: the custom-op call cost). vLLM 0.32 passes
+# attention's layer name as an opaque object (LayerName) on torch >= 2.11, which the C++
+# wrapper cannot pass ("arg type PyObject is not yet supported by custom_op_wrapper",
+# with or without flashcomm); VLLM_USE_LAYERNAME=0 makes it a plain string.
+CPP_WRAPPER_CONFIG = {"inductor_compile_config": {"cpp_wrapper": True}}
+CPP_WRAPPER_ENV = {"VLLM_USE_LAYERNAME": "0"}
 # Step-size bins of the trace summary (tokens per step, upper bounds).
 TOKEN_BINS = (1, 16, 64, 256, 512, 1024, 2048, 4096, 8192)
 # Default depths per preset: two, for the per-layer check. Why so few: 2 cores and
@@ -299,7 +305,7 @@ class ServeProcess:
 
     def __init__(self, work: Path, model: Path, enable: bool, tag: str, dtype: str,
                  max_model_len: int, sp_threshold: Optional[int], compile_backend: str,
-                 cpu_view: str, server_args: list[str]) -> None:
+                 cpu_view: str, server_args: list[str], cpp_wrapper: bool = False) -> None:
         self.enable = enable
         self.tag = tag
         self.port = _free_port()
@@ -314,6 +320,8 @@ class ServeProcess:
                     "--port", str(self.port), "--seed", "0",
                     "--max-model-len", str(max_model_len), "--no-enable-prefix-caching",
                     "--disable-uvicorn-access-log", *server_args]
+        if cpp_wrapper:
+            self.cmd.append("--compilation-config=" + json.dumps(CPP_WRAPPER_CONFIG))
         env = vllm_env(work, enable, 2, compile_backend, cpu_view)
         env.update(trace_env(work, self.trace_prefix, env["PYTHONPATH"]))
         # The plugin's own default (or FLASHCOMM_SP_THRESHOLD from the caller's
@@ -323,6 +331,8 @@ class ServeProcess:
             env["FLASHCOMM_SP_THRESHOLD"] = os.environ["FLASHCOMM_SP_THRESHOLD"]
         if sp_threshold is not None:
             env["FLASHCOMM_SP_THRESHOLD"] = str(sp_threshold)
+        if cpp_wrapper:
+            env.update(CPP_WRAPPER_ENV)
         env.update({"FLASHCOMM_STATS_FILE": str(self.stats_prefix),
                     "FLASHCOMM_STATS_INTERVAL": str(STATS_INTERVAL_S)})
         self.env = env
@@ -586,6 +596,7 @@ class Config:
     compile_backend: str = "inductor"
     cpu_view: str = ""
     server_args: list[str] = field(default_factory=list)
+    cpp_wrapper: bool = False
     seed: int = 0
     min_free_gib: float = 7.0
 
@@ -613,7 +624,7 @@ def run_model(cfg: Config, preset: str, layers: int, work: Path,
                                    "runs": {}}
         with ServeProcess(sdir, model, mode == "on", tag, cfg.dtype, cfg.max_model_len,
                           cfg.sp_threshold, cfg.compile_backend, cfg.cpu_view,
-                          cfg.server_args) as srv:
+                          cfg.server_args, cfg.cpp_wrapper) as srv:
             log(f"  server {k + 1}/{len(cfg.order)} flashcomm {mode} "
                 f"(load {load_average()}) ...")
             srv_rec["ready_s"] = srv.wait_ready()
@@ -869,6 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-arg", action="append", default=[],
                    help="one more `vllm serve` argument (repeatable), e.g. "
                    "--server-arg=--max-num-batched-tokens=2048")
+    p.add_argument("--cpp-wrapper", action="store_true",
+                   help="every server with Inductor's C++ wrapper (custom ops called through "
+                   "the C++ dispatcher instead of Python); sets VLLM_USE_LAYERNAME=0, "
+                   "without which vLLM 0.32's attention op does not compile in it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-free-gib", type=float, default=7.0,
                    help="wait before each server start until this much memory is "
@@ -903,7 +918,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                   mix=a.mix, order=a.order, long_tokens=a.long_tokens,
                   max_model_len=a.max_model_len, sp_threshold=a.sp_threshold,
                   compile_backend=a.compile_backend, cpu_view=a.cpu_view,
-                  server_args=a.server_arg, seed=a.seed, min_free_gib=a.min_free_gib)
+                  server_args=a.server_arg, cpp_wrapper=a.cpp_wrapper, seed=a.seed,
+                  min_free_gib=a.min_free_gib)
 
 
 def run(cfg: Config, work: Path, log=print) -> dict[str, Any]:

@@ -104,3 +104,23 @@ def test_tokenizer_and_prompt_sets(tmp_path):
             assert any(c.prompt[0] <= r["target_prompt_tokens"] <= c.prompt[1] and
                        c.output[0] <= r["output_tokens"] <= c.output[1] for c in mix), r
     assert sets["inf"].read_text() != sets["0.5x"].read_text()  # a set per rate
+
+
+def test_server_command_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLASHCOMM_SP_THRESHOLD", raising=False)
+    for enable, cpp in ((True, True), (False, False)):
+        srv = sb.ServeProcess(tmp_path, tmp_path / "model", enable, "t", "bfloat16", 4096,
+                              None, "inductor", "", ["--max-num-batched-tokens=2048"],
+                              cpp_wrapper=cpp)
+        cmd, env = srv.cmd, srv.env
+        assert cmd[1:5] == ["-m", "flashcomm", "serve", str(tmp_path / "model")], cmd
+        assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2", cmd
+        assert "--no-enable-prefix-caching" in cmd and "--max-num-batched-tokens=2048" in cmd
+        assert env["FLASHCOMM_ENABLE"] == ("1" if enable else "0"), env["FLASHCOMM_ENABLE"]
+        # The plugin's own threshold (not the tests' 16 that vllm_env sets).
+        assert "FLASHCOMM_SP_THRESHOLD" not in env
+        assert env[sb.TRACE_ENV] == str(tmp_path / "trace_t")
+        assert env["PYTHONPATH"].split(":")[:2] == [str(tmp_path / "trace_ep"),
+                                                     str(ROOT / "benchmarks")], env["PYTHONPATH"]
+        assert ("--compilation-config=" + json.dumps(sb.CPP_WRAPPER_CONFIG) in cmd) == cpp
+        assert (env.get("VLLM_USE_LAYERNAME") == "0") == cpp

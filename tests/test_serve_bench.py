@@ -70,6 +70,7 @@ def test_per_layer_line():
 
 
 def test_tokenizer_and_prompt_sets(tmp_path):
+    pytest.importorskip("tokenizers", reason="installed with vLLM (make install-vllm)")
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 

@@ -296,8 +296,6 @@ def _check_bench_smoke(tmp: Path, prompts: Path, bench: dict) -> None:
     row = serve_bench.summarize(rec, ["inf"])["inf"]
     for key in ("median_ttft_ms", "median_tpot_ms", "output_throughput"):
         assert row[key]["ratio"] is not None and row[key]["ratio"] > 0, row[key]
-    print(f"serve_bench smoke: TPOT p50 on/off {row['median_tpot_ms']['ratio']:.2f} "
-          f"(timings of a smoke run, not figures)", file=sys.stderr)
 
 
 def test_serve_help_reaches_vllm_cli():

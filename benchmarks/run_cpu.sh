@@ -45,6 +45,13 @@ if "$PY" -c "import vllm" 2>/dev/null; then
   log "vLLM W8A8 decode step under torch.profiler, flashcomm on and off"
   "$PY" benchmarks/profile_decode.py --kind w8a8 --rounds 2 \
     --txt "$OUT/profile_decode_w8a8_cpu2.txt" --json "$OUT/profile_decode_w8a8_cpu2.json"
+  # Issue 22: flashcomm serve on/off under vLLM's own benchmark client, two real widths at
+  # two depths each (8 server starts per width, roughly 1.5 h more on 2 idle cores; set
+  # SERVE_BENCH=0 to skip it).
+  if [ "${SERVE_BENCH:-1}" != 0 ]; then
+    log "serving load: flashcomm serve on/off, vLLM's benchmark client, two real widths"
+    "$PY" benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b --out "$OUT/serve_cpu2"
+  fi
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2
 fi

@@ -13,7 +13,8 @@ server, before any engine process starts, with an error naming the key
 
 Each server is a subprocess in its own session, on a free loopback port, with vLLM's
 default compilation (Inductor; no ``VLLM_CPU_CI_ENV``), the tiny float32 Qwen3
-checkpoint and token-id prompts over HTTP (``/v1/completions``): one prompt above
+checkpoint with its trained tokenizer and token-id prompts over HTTP
+(``/v1/completions``): one prompt above
 ``FLASHCOMM_SP_THRESHOLD`` (its prefill runs sharded) and one below (replicated, as
 every decode step). Checked: greedy token ids identical with flashcomm on and off; the
 server log has vLLM's ``flashcomm: active`` line from each of the 2 workers (none
@@ -22,6 +23,12 @@ moved in both modes in every worker during the requests; the server stops on SIG
 within ``STOP_TIMEOUT_S`` and no process it started is left (every process carries a
 marker variable in its environment; ``/proc`` is searched for it).
 
+The same servers give the smoke run of the serving benchmark (``benchmarks/
+serve_bench.py``, issue 22), so that it keeps working without servers of its own: vLLM's
+benchmark client sends four text prompts at once to each, with the benchmark's per-step
+trace in the workers; checked are sane figures, the trace's modes (the on server ran
+both, each step as the rule says) and the on/off ratios of the benchmark's summary.
+
 Processes per server: the ``flashcomm serve`` process (vLLM's API server), vLLM's engine
 core, 2 workers, and the helpers multiprocessing starts (resource tracker).
 """
@@ -29,6 +36,7 @@ core, 2 workers, and the helpers multiprocessing starts (resource tracker).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -48,6 +56,8 @@ from flashcomm.tools.vllm_engine import (SP_THRESHOLD, make_checkpoint, remove_l
 
 pytestmark = requires_vllm
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import serve_bench  # noqa: E402  (benchmarks/serve_bench.py)
 
 LONG_PROMPT = [(5 * j + 7) % 500 + 3 for j in range(2 * SP_THRESHOLD + 8)]  # > threshold
 SHORT_PROMPT = [(3 * j + 11) % 500 + 3 for j in range(SP_THRESHOLD // 2)]  # < threshold
@@ -61,6 +71,9 @@ SERVED_NAME = "tiny"
 # here, so no forward would run sharded if the variable were read.
 ENV_SP_THRESHOLD = 100 * SP_THRESHOLD
 MARKER = "FLASHCOMM_TEST_SERVER_ID"
+# The serving benchmark's smoke run: 4 text prompts above SP_THRESHOLD, all at once.
+BENCH_MIX = serve_bench.parse_mix("1:24-40:3-5")
+BENCH_PROMPTS = 4
 
 
 def serve_command() -> list[str]:
@@ -105,7 +118,7 @@ class Server:
         self.stats_prefix = tmp / f"stats_{self.name}"
         self.cmd = serve_command() + [
             str(model), "--tensor-parallel-size", "2", "--dtype", "float32",
-            "--skip-tokenizer-init", "--served-model-name", SERVED_NAME,
+            "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0"]
         self.env = vllm_env(tmp, False, 2, "inductor", CPU_VIEW)
         self.env.update({MARKER: self.marker, "FLASHCOMM_SP_THRESHOLD": str(ENV_SP_THRESHOLD)})
@@ -113,6 +126,8 @@ class Server:
             self.cmd += ["--additional-config", json.dumps({"flashcomm": {
                 "enable": True, "sp_threshold": SP_THRESHOLD, "transport": "shm",
                 "stats_file": str(self.stats_prefix), "stats_interval": STATS_INTERVAL_S}})]
+        self.trace_prefix = tmp / f"trace_{self.name}"
+        self.env.update(serve_bench.trace_env(tmp, self.trace_prefix, self.env["PYTHONPATH"]))
         self.proc: subprocess.Popen | None = None
         self.stop_s: float | None = None
         self.shm_removed: list[str] = []
@@ -219,8 +234,10 @@ def _delta(after: dict, before: dict) -> dict:
 
 
 def test_flashcomm_serve_matches_vllm_alone(tmp_path):
-    model = make_checkpoint(tmp_path, "qwen3", "--arch", "qwen3")
-    ids, timings = {}, {}
+    model = make_checkpoint(tmp_path, "qwen3", "--arch", "qwen3", "--tokenizer")
+    prompts = serve_bench.write_prompt_sets(model, BENCH_MIX, ["inf"], BENCH_PROMPTS, 0, 0,
+                                            tmp_path / "prompts")["inf"]
+    ids, timings, bench = {}, {}, {}
     for enable in (True, False):
         with Server(tmp_path, model, enable) as srv:
             ready_s = srv.wait_ready()
@@ -244,6 +261,10 @@ def test_flashcomm_serve_matches_vllm_alone(tmp_path):
                     moved = _delta(doc["stats"], before[rank]["stats"])
                     missing = missing_modes(moved, expected)
                     assert not missing, (rank, missing, moved)
+            t0 = time.time()
+            res = serve_bench.run_client(srv.port, model, prompts, math.inf, 0,
+                                         served_name=SERVED_NAME)
+            bench[srv.name] = (serve_bench.client_figures(res, 24), (t0, time.time()))
             stop_s = srv.stop()
             log = srv.log()
         timings[srv.name] = (round(ready_s, 1), round(stop_s, 1), len(srv.shm_removed))
@@ -263,6 +284,35 @@ def test_flashcomm_serve_matches_vllm_alone(tmp_path):
     print(f"\nflashcomm serve: (ready s, stop s, vLLM shm segments removed) {timings}; ids "
           f"{ids[True]}", file=sys.stderr)
     assert ids[True] == ids[False], ids
+    _check_bench_smoke(tmp_path, prompts, bench)
+
+
+def _check_bench_smoke(tmp: Path, prompts: Path, bench: dict) -> None:
+    """The serving benchmark's figures, trace and summary from the two servers."""
+    rows = serve_bench.load_prompts(prompts)
+    rec: dict = {"servers": []}
+    for mode, (fig, window) in bench.items():
+        assert fig["completed"] == BENCH_PROMPTS and fig["failed"] == 0, (mode, fig)
+        # Greedy with EOS ignored: each request generated exactly its output length.
+        assert fig["total_output_tokens"] == sum(r["output_tokens"] for r in rows), fig
+        for key in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
+                    "output_throughput", "median_ttft_long_ms"):
+            assert fig[key] is not None and fig[key] > 0, (mode, key, fig)
+        steps = serve_bench.read_trace(tmp / f"trace_{mode}")
+        assert sorted(steps) == [0, 1], sorted(steps)
+        trace = serve_bench.trace_summary(steps[0], *window, SP_THRESHOLD)
+        assert trace["steps"] >= max(r["output_tokens"] for r in rows), (mode, trace)
+        assert trace["above"] >= 1, (mode, trace)  # the prefills, together
+        if mode == "on":  # the counters: both modes, each step as the rule says
+            assert trace["modes"].get("sharded") and trace["modes"].get("replicated"), trace
+            assert trace["rule_mismatches"] == 0, trace
+        else:
+            assert set(trace["modes"]) == {"-"}, trace
+        rec["servers"].append({"mode": mode, "runs": {"inf": fig},
+                               "trace": {"summary": {"inf": trace}}})
+    row = serve_bench.summarize(rec, ["inf"])["inf"]
+    for key in ("median_ttft_ms", "median_tpot_ms", "output_throughput"):
+        assert row[key]["ratio"] is not None and row[key]["ratio"] > 0, row[key]
 
 
 def test_serve_help_reaches_vllm_cli():

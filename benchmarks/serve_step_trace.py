@@ -45,15 +45,18 @@ def register() -> None:
     from vllm.v1.worker.gpu_worker import Worker  # CPUWorker inherits execute_model
 
     original = Worker.execute_model
-    counted = os.environ.get("FLASHCOMM_ENABLE", "0") == "1"
     state: dict = {}
 
     def execute_model(self, scheduler_output):
         if "file" not in state:
+            # flashcomm is on where its plugin says so for this worker's configuration
+            # (--additional-config first, then FLASHCOMM_ENABLE).
+            from flashcomm.vllm.plugin import enabled
+            state["counted"] = enabled(getattr(self.vllm_config, "additional_config", None))
             # Line-buffered: one write per step (a few us), and nothing is lost when the
             # server's processes end without flushing.
             state["file"] = open(f"{prefix}.rank{self.rank}.jsonl", "a", buffering=1)
-            state["last"] = _mode_totals() if counted else (0, 0)
+            state["last"] = _mode_totals() if state["counted"] else (0, 0)
         t0 = time.time()
         p0 = time.perf_counter()
         out = original(self, scheduler_output)
@@ -63,7 +66,7 @@ def register() -> None:
             per_req = scheduler_output.num_scheduled_tokens.values()
             rec = {"t": round(t0, 4), "ms": round(ms, 3), "n": n, "reqs": len(per_req),
                    "dec": sum(1 for k in per_req if k == 1)}
-            if counted:
+            if state["counted"]:
                 now = _mode_totals()
                 rec["sh"], rec["rep"] = now[0] - state["last"][0], now[1] - state["last"][1]
                 state["last"] = now

@@ -267,6 +267,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FLASHCOMM_VLLM_TEST_TIMEOUT", "int", None, scope="test", lo=1,
             default_text="1200 (engines), 900 (servers)",
             doc="seconds a test waits for a vLLM engine or server"),
+    Setting("FLASHCOMM_BENCH_STEP_TRACE", "path", None, scope="test", default_text="unset",
+            doc="`benchmarks/serve_bench.py`'s servers: each worker appends one JSON line "
+                "per engine step (tokens, requests, modes counted) to `PATH.rank<R>.jsonl`"),
     Setting("FLASHCOMM_FUZZ_EXAMPLES", "int", 25, scope="test", lo=1,
             doc="hypothesis examples per property test"),
     Setting("FLASHCOMM_FUZZ_DERANDOMIZE", "bool", True, scope="test",

@@ -18,7 +18,7 @@ APT_TEST  := libgtest-dev libgloo-dev
 BUILD_TESTS := 0
 
 .PHONY: all venv venv-test system-deps build install-vllm test test-cpp test-python demo clean fuzz sanitize soak bench tune check-torch-compat check-cuda-cmake \
-  gpu-check-dry-run gpu-check-hang-rehearsal
+  gpu-check-dry-run gpu-check-hang-rehearsal bench-serve
 
 all: build
 
@@ -75,7 +75,7 @@ test-cpp: build
 
 # The whole Python suite, the vLLM engine and server tests included (~20 min on 2 cores).
 test-python: install-vllm venv-test
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests --durations=25
 
 test: test-cpp test-python
 
@@ -89,6 +89,13 @@ bench: build
 
 tune: build
 	$(VPY) -m flashcomm tune -o benchmarks/results/tuning_cpu2.json
+
+# The serving benchmark (issue 22, BENCHMARKS.md "Serving load"): flashcomm serve on/off
+# under vLLM's benchmark client, Qwen3-0.6B and Llama-3.2-1B widths at two depths each;
+# about 1.5 h on 2 idle cores.
+bench-serve: install-vllm
+	$(VPY) benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b \
+	  --out benchmarks/results/serve_cpu2
 
 clean:
 	rm -rf build $(VENV) python/flashcomm/*.so python/*.egg-info

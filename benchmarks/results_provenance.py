@@ -3,7 +3,9 @@ produced each one.
 
 Results written from now on carry their own ``provenance`` record
 (:func:`flashcomm.tools.provenance.provenance`: commit, torch / vLLM versions, CPU model
-and flags). The files measured before that record existed are listed in
+and flags): ``benchmarks/run_cpu.sh`` stamps every JSON / text file it writes
+(``python -m flashcomm.tools.provenance --stamp``), and a plot is covered by its JSON /
+text sibling. The files measured before that record existed are listed in
 ``benchmarks/results/PROVENANCE.json``, which this script (re)writes from git history:
 
 * ``commit``: the last commit that changed the file (results were committed with, or
@@ -114,8 +116,13 @@ def missing(manifest: dict[str, Any]) -> list[str]:
     for path in sorted(RESULTS.iterdir()):
         if path == MANIFEST or path.name.startswith("."):
             continue
-        if not complete(embedded(path)) and not complete(manifest.get(path.name)):
-            out.append(path.name)
+        if complete(embedded(path)) or complete(manifest.get(path.name)):
+            continue
+        siblings = [path.with_suffix(s) for s in (".json", ".txt")]
+        if path.suffix == ".png" and any(s.exists() and complete(embedded(s))
+                                         for s in siblings):
+            continue  # a plot: its JSON / text sibling records what produced it
+        out.append(path.name)
     return out
 
 

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 OUT=benchmarks/results
 mkdir -p "$OUT"
+RUN_START="$(mktemp)"  # files newer than this were written by this run
+trap 'rm -f "$RUN_START"' EXIT
 log() { echo "== $* ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))"; }
 
 log "collectives: shm vs gloo vs vLLM's shm all-reduce"
@@ -55,4 +57,8 @@ if "$PY" -c "import vllm" 2>/dev/null; then
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2
 fi
+# Every results file of this run records the commit, versions and CPU (a plot: through
+# its .json / .txt sibling); benchmarks/results_provenance.py --check verifies it.
+find "$OUT" -maxdepth 1 -newer "$RUN_START" \( -name '*.json' -o -name '*.txt' \) -print0 \
+  | xargs -0 -r "$PY" -m flashcomm.tools.provenance --stamp
 log "done"

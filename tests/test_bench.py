@@ -78,3 +78,18 @@ def test_every_results_file_records_its_provenance():
     proc = subprocess.run([sys.executable, "benchmarks/results_provenance.py", "--check"],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_stamp_records_provenance_once(tmp_path):
+    from flashcomm.tools import provenance as prov
+    js, txt = tmp_path / "r.json", tmp_path / "r.txt"
+    js.write_text('{"median_us": [1.0]}')
+    txt.write_text("table\n")
+    record = prov.provenance()
+    assert record["commit"] and record["cpu_model"] and record["torch"]
+    assert prov.stamp(js, record) and prov.stamp(txt, record)
+    assert not prov.stamp(js, record) and not prov.stamp(txt, record)  # once
+    assert json.loads(js.read_text())["provenance"]["commit"] == record["commit"]
+    first, rest = txt.read_text().split("\n", 1)
+    assert first.startswith(prov.STAMP_PREFIX) and rest == "table\n"
+    assert json.loads(first[len(prov.STAMP_PREFIX):])["cpu_flags"] == record["cpu_flags"]

@@ -120,3 +120,52 @@ def provenance_line(p: dict[str, Any]) -> str:
             f"({' '.join(p.get('cpu_flags_dispatch') or []) or '-'}); torch {p.get('torch')}, "
             f"vLLM {p.get('vllm')}, flashcomm {commit}; load {p.get('loadavg')} at "
             f"{p.get('utc')}")
+
+
+STAMP_PREFIX = "# provenance: "
+
+
+def stamp(path: Path, record: Optional[dict[str, Any]] = None) -> bool:
+    """Records ``record`` (default :func:`provenance`) in the results file ``path``
+    unless it has one: the ``provenance`` key of a JSON object, the first line
+    ``# provenance: {json}`` of a text file. Other files (plots) are left to the
+    record of their JSON / text sibling. Returns whether ``path`` was changed."""
+    import json
+    record = record or provenance()
+    if path.suffix == ".json":
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or "provenance" in doc:
+            return False
+        doc["provenance"] = record
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        return True
+    if path.suffix == ".txt":
+        text = path.read_text()
+        if text.startswith(STAMP_PREFIX):
+            return False
+        path.write_text(STAMP_PREFIX + json.dumps(record, separators=(",", ":")) + "\n" + text)
+        return True
+    return False
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m flashcomm.tools.provenance [--stamp FILE...]``: print this machine's
+    record, or write it into results files that lack one (``benchmarks/run_cpu.sh``)."""
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--stamp", nargs="+", type=Path, metavar="FILE",
+                        help="results files (.json / .txt) to record the provenance in")
+    args = parser.parse_args(argv)
+    record = provenance()
+    if not args.stamp:
+        print(json.dumps(record, indent=1))
+        return 0
+    for path in args.stamp:
+        if stamp(path, record):
+            print(f"provenance recorded in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,7 +94,7 @@ tune: build
 # under vLLM's benchmark client, Qwen3-0.6B and Llama-3.2-1B widths at two depths each;
 # about 1.5 h on 2 idle cores.
 bench-serve: install-vllm
-	$(VPY) benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b \
+	$(VPY) benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b --num-prompts 16 \
 	  --out benchmarks/results/serve_cpu2
 
 clean:

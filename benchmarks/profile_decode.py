@@ -338,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed (unprofiled) e2e rounds per engine (default 3)")
     p.add_argument("--profile-repeats", type=int, default=2,
                    help="profiled (max_tokens=1, max_tokens=T) pairs per engine (default 2)")
+    p.add_argument("--preset", default=None, choices=("qwen3-0.6b", "llama-3.2-1b"),
+                   help="a real model's width (scripts/make_tiny_checkpoint.py --preset) "
+                   "instead of e2e's Llama hidden 512 (issue 22)")
+    p.add_argument("--num-layers", type=int, default=4,
+                   help="depth of the --preset checkpoint (default 4)")
     p.add_argument("--decode-seqs", type=int, default=8, help="default 8")
     p.add_argument("--decode-tokens", type=int, default=33, help="T (default 33)")
     p.add_argument("--sp-threshold", type=int, default=1000, help="default 1000")
@@ -371,7 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.decode_tokens - 1
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = out_dir / f"llama512-{args.kind}"
+    if args.preset:
+        vb.E2E_MODEL_ARGS = ("--preset", args.preset, "--num-layers", str(args.num_layers))
+        model_name = f"{args.preset} width, {args.num_layers} layers"
+        model = out_dir / f"{args.preset}-{args.num_layers}l-{args.kind}"
+    else:
+        model_name = "Llama hidden 512, 4 layers"
+        model = out_dir / f"llama512-{args.kind}"
     if not (model / "config.json").exists():
         vb._make_checkpoint(model, args.kind)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
@@ -412,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         s["trace_step_wall_us_median"] = (statistics.median(step_walls[v])
                                           if step_walls[v] else None)
         summary[v] = s
-    head = (f"profile_decode: kind {args.kind}, Llama hidden 512, 4 layers, tp={args.tp}, "
+    head = (f"profile_decode: kind {args.kind}, {model_name}, tp={args.tp}, "
             f"compile {args.compile}, decode step of {args.decode_seqs} sequences "
             f"((t[{args.decode_tokens}] - t[1]) / {steps}), {args.rounds} rounds x "
             f"{args.profile_repeats} profiled pairs per variant, kernel profile "

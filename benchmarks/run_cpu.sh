@@ -52,7 +52,7 @@ if "$PY" -c "import vllm" 2>/dev/null; then
   # SERVE_BENCH=0 to skip it).
   if [ "${SERVE_BENCH:-1}" != 0 ]; then
     log "serving load: flashcomm serve on/off, vLLM's benchmark client, two real widths"
-    "$PY" benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b --out "$OUT/serve_cpu2"
+    "$PY" benchmarks/serve_bench.py --preset qwen3-0.6b,llama-3.2-1b --num-prompts 16 --out "$OUT/serve_cpu2"
   fi
 else
   echo "vLLM not installed (make install-vllm): skipping benchmarks/vllm_bench.py" >&2

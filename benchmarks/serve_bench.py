@@ -197,13 +197,17 @@ def checkpoint_module():
 # Checkpoints and prompt sets
 # ---------------------------------------------------------------------------------------
 
-def make_model(work: Path, preset: str, layers: int, dtype: str, max_len: int) -> Path:
+def make_model(work: Path, preset: str, layers: int, dtype: str, max_len: int,
+               w8a8: bool = False) -> Path:
     """The checkpoint of ``preset`` at ``layers`` layers with its tokenizer (reused when
-    already in ``work``). ``tiny``: the tests' tiny Qwen3 (hidden 128, vocab 512)."""
-    d = work / f"{preset}-{layers}l-{dtype}"
+    already in ``work``). ``tiny``: the tests' tiny Qwen3 (hidden 128, vocab 512).
+    ``w8a8``: compressed-tensors int8 weights, dynamic per-token int8 activations."""
+    d = work / f"{preset}-{layers}l-{dtype}{'-w8a8' if w8a8 else ''}"
     if (d / "model.safetensors").exists() and (d / "tokenizer.json").exists():
         return d
     args = ["--num-layers", str(layers), "--dtype", dtype, "--tokenizer"]
+    if w8a8:
+        args += ["--w8a8", "--act", "dynamic"]
     if preset == "tiny":
         args += ["--arch", "qwen3", "--max-position-embeddings", str(max_len)]
     else:
@@ -576,6 +580,37 @@ def trace_summary(steps: list[dict[str, Any]], t0: float, t1: float,
     return out
 
 
+def step_times(servers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Engine step time by tokens per step, flashcomm on against off: every step rank 0
+    ran inside the client runs (warm-up excluded) of each mode's servers, pooled, binned
+    by :data:`TOKEN_BINS`; per bin and mode the steps, their median tokens and median
+    milliseconds, and on/off of the medians. Steps of one size cost the same whatever
+    the request rate, so this compares the two paths at each batch size with hundreds of
+    samples where a latency percentile has sixteen requests."""
+    pooled: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for srv in servers:
+        tr = srv.get("trace") or {}
+        steps = read_trace(Path(tr.get("prefix", "/nonexistent"))).get(0, [])
+        for t0, t1 in (tr.get("windows") or {}).values():
+            for st in steps:
+                if t0 <= st["t"] <= t1:
+                    top = next((b for b in TOKEN_BINS if st["n"] <= b), None)
+                    key = f"<={top}" if top else f">{TOKEN_BINS[-1]}"
+                    pooled.setdefault(key, {}).setdefault(srv["mode"], []).append(st)
+    out: dict[str, Any] = {}
+    order = [f"<={b}" for b in TOKEN_BINS] + [f">{TOKEN_BINS[-1]}"]
+    for key in sorted(pooled, key=order.index):
+        row: dict[str, Any] = {}
+        for mode, sts in pooled[key].items():
+            row[mode] = {"steps": len(sts),
+                         "tokens_p50": statistics.median(st["n"] for st in sts),
+                         "ms_p50": round(statistics.median(st["ms"] for st in sts), 3)}
+        if "on" in row and "off" in row and row["off"]["ms_p50"] > 0:
+            row["ratio"] = round(row["on"]["ms_p50"] / row["off"]["ms_p50"], 3)
+        out[key] = row
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # One model: every server, every rate
 # ---------------------------------------------------------------------------------------
@@ -585,6 +620,7 @@ class Config:
     presets: list[str]
     layers: dict[str, list[int]]
     dtype: str = "bfloat16"
+    w8a8: bool = False
     rates: list[str] = field(default_factory=lambda: parse_rates(DEFAULT_RATES))
     num_prompts: int = 32
     warmup_per_class: int = 1
@@ -604,7 +640,8 @@ class Config:
 def run_model(cfg: Config, preset: str, layers: int, work: Path,
               log=print) -> dict[str, Any]:
     """Every server of ``cfg.order`` on the checkpoint of ``preset`` at ``layers``."""
-    model = make_model(work / "checkpoints", preset, layers, cfg.dtype, cfg.max_model_len)
+    model = make_model(work / "checkpoints", preset, layers, cfg.dtype, cfg.max_model_len,
+                       cfg.w8a8)
     mcfg = json.loads((model / "config.json").read_text())
     sets = write_prompt_sets(model, cfg.mix, cfg.rates, cfg.num_prompts,
                              cfg.warmup_per_class, cfg.seed, work / "prompts")
@@ -680,6 +717,7 @@ def run_model(cfg: Config, preset: str, layers: int, work: Path,
             name: trace_summary(steps, t0, t1, rec["sp_threshold"])
             for name, (t0, t1) in srv_rec["trace"]["windows"].items()}
     rec["summary"] = summarize(rec, cfg.rates)
+    rec["step_times"] = step_times(rec["servers"])
     return rec
 
 
@@ -790,7 +828,8 @@ def format_report(doc: dict[str, Any]) -> str:
                   f"{mc['hidden_size']}, intermediate {mc['intermediate_size']}, heads "
                   f"{mc['num_attention_heads']}/{mc['num_key_value_heads']} of "
                   f"{mc['head_dim']}, vocab {mc['vocab_size']} (tokenizer "
-                  f"{m['tokenizer_entries']}), {doc['config']['dtype']}; workers' "
+                  f"{m['tokenizer_entries']}), {doc['config']['dtype']}"
+                  f"{' W8A8 (int8 weights, dynamic int8 activations)' if doc['config'].get('w8a8') else ''}; workers' "
                   f"sp_threshold {m['sp_threshold']}",
                   "   servers: " + ", ".join(
                       f"{s['mode']} (ready {s['ready_s']} s, load {s['load_at_ready']})"
@@ -810,6 +849,17 @@ def format_report(doc: dict[str, Any]) -> str:
         mism = sum(r["trace"]["on"].get("rule_mismatches", 0) for r in m["summary"].values())
         lines.append(f"   steps whose counted mode disagrees with tokens > sp_threshold: "
                      f"{mism}")
+        if m.get("step_times"):
+            lines += ["   engine step time by tokens per step (rank 0, every client run, "
+                      "pooled per mode): steps, median tokens, median ms",
+                      "| tokens per step | on: steps, tokens, ms | off: steps, tokens, ms "
+                      "| on / off |", "|---|---|---|---|"]
+            for key, row in m["step_times"].items():
+                cells = [(f"{row[mode]['steps']}, {row[mode]['tokens_p50']:g}, "
+                          f"{row[mode]['ms_p50']:.2f}") if mode in row else "-"
+                         for mode in ("on", "off")]
+                lines.append(f"| {key} | {cells[0]} | {cells[1]} | "
+                             f"{_f(row.get('ratio'), 2)} |")
         for s in m["servers"]:
             for name, fig in s["runs"].items():
                 if fig.get("failed"):
@@ -849,6 +899,12 @@ def build_parser() -> argparse.ArgumentParser:
                                DEFAULT_LAYERS.items()) + ")")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights and activations (default %(default)s)")
+    p.add_argument("--report", default=None, metavar="OUT.json",
+                   help="no run: rewrite the report of a finished run whose work folder was "
+                   "kept (--keep / --work-dir), e.g. after a new table was added")
+    p.add_argument("--w8a8", action="store_true",
+                   help="compressed-tensors W8A8 checkpoints: int8 weights per output "
+                   "channel, dynamic per-token int8 activations (--dtype: everything else)")
     p.add_argument("--rates", type=parse_rates, default=parse_rates(DEFAULT_RATES),
                    help="request rates, comma-separated: R req/s, inf (all at once: the "
                    "saturation throughput) or Fx, F times the saturation request "
@@ -913,7 +969,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
     if longest > a.max_model_len:
         raise SystemExit(f"serve_bench: --max-model-len {a.max_model_len} is below the "
                          f"longest prompt + output of --mix ({longest})")
-    return Config(presets=presets, layers=layers, dtype=a.dtype, rates=a.rates,
+    return Config(presets=presets, layers=layers, dtype=a.dtype, w8a8=a.w8a8, rates=a.rates,
                   num_prompts=a.num_prompts, warmup_per_class=a.warmup_per_class,
                   mix=a.mix, order=a.order, long_tokens=a.long_tokens,
                   max_model_len=a.max_model_len, sp_threshold=a.sp_threshold,
@@ -940,8 +996,30 @@ def run(cfg: Config, work: Path, log=print) -> dict[str, Any]:
     return doc
 
 
+def text_file(doc: dict[str, Any], report: str) -> str:
+    """OUT.txt: the provenance line (benchmarks/results_provenance.py reads it), then the
+    tables."""
+    return ("# provenance: " + json.dumps(doc["provenance"], separators=(",", ":")) + "\n"
+            + report + "\n")
+
+
+def report_again(path: Path) -> int:
+    """Rewrites the report of a finished run (``OUT.json``, with its kept work folder)
+    with what this version computes from the traces; OUT.json and OUT.txt in place."""
+    doc = json.loads(path.read_text())
+    for m in doc["models"]:  # traces gone (another machine): keep what the run wrote
+        m["step_times"] = step_times(m["servers"]) or m.get("step_times", {})
+    write_json_atomic(str(path), doc, indent=1)
+    report = format_report(doc)
+    path.with_suffix(".txt").write_text(text_file(doc, report))
+    print(report)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.report:
+        return report_again(Path(a.report))
     cfg = config_from_args(a)
     out = Path(a.out) if a.out else (ROOT / "benchmarks" / "results" /
                                      f"serve_{'_'.join(cfg.presets)}_cpu{os.cpu_count()}")
@@ -952,7 +1030,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         doc["work_dir"] = str(work) if (a.keep or a.work_dir) else None
         write_json_atomic(str(out) + ".json", doc, indent=1)
         report = format_report(doc)
-        Path(str(out) + ".txt").write_text(report + "\n")
+        Path(str(out) + ".txt").write_text(text_file(doc, report))
         print(report)
         print(f"results: {out}.json, {out}.txt")
     finally:

@@ -25,10 +25,10 @@ def test_pick_sharded_from_the_first_point():
 
 
 def test_pick_interpolates_the_crossover():
-    # diff = s - 0.95 r: 64: 1.0 - 0.95 = +0.05; 128: 1.5 - 1.9 = -0.4 -> 64 + 64 * 0.05/0.45
+    # diff = s / r - 0.95: 64: 1.0 - 0.95 = +0.05; 128: 0.75 - 0.95 = -0.2 -> 64 + 64 * 0.05/0.25
     got = cal.pick_threshold([32, 64, 128, 256], [0.5, 1.0, 2.0, 4.0], [0.8, 1.0, 1.5, 2.0],
-                             4096)
-    assert got == 64 + int(64 * 0.05 / 0.45)
+                             4096, margin=0.05)
+    assert got == 64 + int(64 * 0.05 / 0.25)
 
 
 def test_pick_wants_sharded_to_stay_faster():
@@ -42,6 +42,26 @@ def test_pick_margin():
     # 2 % faster is within the margin: not faster.
     assert cal.pick_threshold([16, 32], [1.0, 1.0], [0.98, 0.98], 64) == 64
     assert cal.pick_threshold([16, 32], [1.0, 1.0], [0.98, 0.98], 64, margin=0.0) == 15
+
+
+def test_paired_ratio_is_the_upper_quartile():
+    # Sharded wins 5 of 7 paired samples by 10 %, loses 2: the statistic is a loss,
+    # so the point reads as a tie (replicated).
+    rep = [1.0] * 7
+    assert cal.paired_ratio(rep, [0.9] * 5 + [1.1] * 2) == pytest.approx(1.1)
+    # Wins 6 of 7: the upper quartile is a win.
+    assert cal.paired_ratio(rep, [0.9] * 6 + [1.2]) == pytest.approx(0.9)
+    # Pairs, not minima: a load spike that slows one sample of each mode alike is a tie.
+    assert cal.paired_ratio([1.0, 3.0, 1.0, 1.0], [1.0, 3.0, 1.0, 1.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="paired"):
+        cal.paired_ratio([1.0], [])
+
+
+def test_pick_from_ratios_ties_stay_replicated():
+    # Ratios scattered around parity within the noise: never sharded.
+    assert cal.pick_from_ratios([16, 32, 64, 128], [0.97, 1.02, 0.96, 0.99], 256) == 256
+    # A clear win from 64 on.
+    assert 32 <= cal.pick_from_ratios([16, 32, 64, 128], [1.1, 1.0, 0.8, 0.7], 256) < 64
 
 
 def test_ladder():
@@ -111,8 +131,8 @@ def _measure_on_rank(tokens: list[int], budget_s: float):
                                    flashcomm.group_name(None), weight, 1e-6)
     m = cal.measure(boundary, tokens, hidden, 4, torch.device("cpu"), samples=2,
                     budget_s=budget_s)
-    return (m.tokens, m.replicated_s, m.sharded_s,
-            cal.pick_threshold(m.tokens, m.replicated_s, m.sharded_s, 512), flashcomm.stats())
+    return (m.tokens, m.replicated_s, m.sharded_s, m.ratios,
+            cal.pick_from_ratios(m.tokens, m.ratios, 512), flashcomm.stats())
 
 
 def test_measure_agrees_across_ranks(ranks):
@@ -120,11 +140,11 @@ def test_measure_agrees_across_ranks(ranks):
     # slowest rank's medians reach every rank, so the pick is the same everywhere.
     pool = ranks(2)
     results = pool.run(_measure_on_rank, [16, 64], 60.0)
-    assert results[0][:4] == results[1][:4], results
-    tokens, rep, sh, threshold, stats = results[0]
-    assert tokens == [16, 64] and all(t > 0 for t in rep + sh)
+    assert results[0][:5] == results[1][:5], results
+    tokens, rep, sh, ratios, threshold, stats = results[0]
+    assert tokens == [16, 64] and all(t > 0 for t in rep + sh + ratios)
     assert threshold in (512, *range(0, 64))
-    for _, _, _, _, st in results:  # both modes ran, at both points
+    for *_, st in results:  # both modes ran, at both points
         for op in ("sp_reduce", "sp_add_rms_norm"):
             assert st[op]["replicated"] > 0 and st[op]["sharded"] > 0, st
     # A spent budget stops every rank after the same (first) point.
@@ -161,3 +181,16 @@ def test_tuning_file_and_explicit_number_override_auto(tmp_path):
         cal.logger.removeHandler(handler)
         torch.ops.flashcomm.clear_auto_thresholds()
         flashcomm.set_pipeline_config(*pipeline)
+
+
+def test_stand_aside_only_where_nothing_is_sharded_and_vllm_all_reduces_in_shm():
+    # Engine form, never sharded, vLLM's own shared-memory all-reduce: vLLM's forward.
+    why = cal.stand_aside_reason("engine", 4096, 4096, "cpu-shm")
+    assert why is not None and "vLLM's own forward" in why
+    assert cal.stand_aside_reason("engine", 8192, 4096, "cpu-shm") is not None  # raised
+    # Some batch is sharded: flashcomm stays in the path.
+    assert cal.stand_aside_reason("engine", 4095, 4096, "cpu-shm") is None
+    # vLLM all-reduces over gloo (its AVX2 build): flashcomm's transport is the gain.
+    assert cal.stand_aside_reason("engine", 4096, 4096, "ProcessGroupGloo") is None
+    # flashcomm's GEMM form: the GEMMs are flashcomm's, nothing to hand back.
+    assert cal.stand_aside_reason("flashcomm", 4096, 4096, "cpu-shm") is None

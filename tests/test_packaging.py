@@ -89,8 +89,10 @@ def _install_from_cache(py: str, requirements: list[str], env: dict[str, str]) -
         shutil.rmtree(cache, ignore_errors=True)
         partial.rename(cache)
         complete.write_text(" ".join(requirements) + "\n")
-    _run([py, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(cache),
-          *requirements], env=env, timeout=1800)
+    # --no-compile: the venv lives for one module; byte-compiling torch's ~10k modules
+    # would be most of the install's time.
+    _run([py, "-m", "pip", "install", "--quiet", "--no-compile", "--no-index",
+          "--find-links", str(cache), *requirements], env=env, timeout=1800)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:

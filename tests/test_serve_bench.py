@@ -69,6 +69,29 @@ def test_per_layer_line():
         assert r["ratio_at_full_depth"] == pytest.approx(66 / 38), r
 
 
+def test_step_times_pool_the_client_windows_per_mode(tmp_path):
+    # Two servers per mode; rank 0's steps inside the client windows only (the warm-up
+    # step at t=0 is outside), binned by tokens, medians per mode, on / off.
+    def server(tag, mode, ms):
+        prefix = tmp_path / f"trace_{tag}"
+        steps = [{"t": 0.0, "ms": 999.0, "n": 3, "reqs": 1, "dec": 1}]
+        steps += [{"t": 10.0 + i, "ms": ms * (1 + (n > 16)), "n": n, "reqs": 2, "dec": 1}
+                  for i, n in enumerate([2, 3, 4, 300, 3000])]
+        (tmp_path / f"trace_{tag}.rank0.jsonl").write_text(
+            "".join(json.dumps(st) + "\n" for st in steps))
+        (tmp_path / f"trace_{tag}.rank1.jsonl").write_text("")  # rank 1 is not read
+        return {"mode": mode, "trace": {"prefix": str(prefix), "windows": {"inf": [5, 100]}}}
+
+    got = sb.step_times([server("a", "on", 11.0), server("b", "off", 10.0),
+                         server("c", "off", 10.0), server("d", "on", 11.0)])
+    assert list(got) == ["<=16", "<=512", "<=4096"]
+    assert got["<=16"]["on"] == {"steps": 6, "tokens_p50": 3, "ms_p50": 11.0}
+    assert got["<=16"]["off"]["steps"] == 6 and got["<=16"]["ratio"] == pytest.approx(1.1)
+    assert got["<=4096"]["off"]["ms_p50"] == 20.0 and got["<=4096"]["ratio"] == 1.1
+    # A server without a trace (a run made before traces) contributes nothing.
+    assert sb.step_times([{"mode": "on"}]) == {}
+
+
 def test_tokenizer_and_prompt_sets(tmp_path):
     pytest.importorskip("tokenizers", reason="installed with vLLM (make install-vllm)")
     from safetensors.torch import load_file

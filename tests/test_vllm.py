@@ -165,6 +165,21 @@ def check_on_off(tmp: Path, model: Path, kind: str, dtype: str = "float32",
     threshold = measured_threshold(on, logs[True]) if sp_threshold == "auto" \
         else int(sp_threshold)
     modes = {"sharded" if n > threshold else "replicated" for n in (1, 3, 8, 36)}
+    # auto found no batch worth sharding where vLLM's own all-reduce is its shared-memory
+    # one: the converted layers run vLLM's own forward (calibration.stand_aside_reason),
+    # no flashcomm op is counted, and both workers say so. Which branch ran depends on the
+    # CPU (vLLM's AVX2 build all-reduces over gloo: flashcomm stays in the path).
+    aside = {bool(w["flashcomm_config"].get("stand_aside")) for w in on["workers_after"]}
+    assert len(aside) == 1, on["workers_after"]
+    if aside.pop():
+        assert sp_threshold == "auto", "stand-aside is for a measured threshold only"
+        active = [line for line in logs[True].splitlines() if ACTIVE in line]
+        assert all("run vLLM's own forward" in line for line in active), active
+        assert all(w["vllm_tp_transport"] == "cpu-shm" for w in on["workers_after"]), \
+            on["workers_after"]
+        modes = set()
+    print(f"{model.name}: sp_threshold {threshold}, modes counted {sorted(modes) or 'none'}",
+          file=sys.stderr)
     for before, after, plain in zip(on["workers_before"], on["workers_after"],
                                     off["workers_after"]):
         expected = expected_conversion(kind, after)

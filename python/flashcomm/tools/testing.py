@@ -135,12 +135,20 @@ class RankPool:
 
     def close(self) -> None:
         """Stops every rank (terminating those that do not exit)."""
+        self.request_stop()
+        self.join()
+
+    def request_stop(self) -> None:
+        """Asks every rank to exit, without waiting (:meth:`join` waits)."""
         for q, p in zip(self._tasks, self._procs):
             if p.is_alive() and not self.broken:
                 try:
                     q.put(None)
                 except (OSError, ValueError):
                     pass
+
+    def join(self) -> None:
+        """Waits for every rank to exit, terminating those that do not within 10 s."""
         for p in self._procs:
             if p.pid is None:
                 continue
@@ -183,10 +191,16 @@ class RankPools:
         return pool
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            try:
-                if self._teardown is not None and not pool.broken:
-                    pool.run(self._teardown)
-            finally:
-                pool.close()
-        self._pools.clear()
+        """Stops every pool: all are asked to stop first, then waited for, so their ranks
+        shut down (destroy their groups, unmap their transports) side by side."""
+        try:
+            for pool in self._pools.values():
+                try:
+                    if self._teardown is not None and not pool.broken:
+                        pool.run(self._teardown)
+                finally:
+                    pool.request_stop()
+        finally:
+            for pool in self._pools.values():
+                pool.join()
+            self._pools.clear()

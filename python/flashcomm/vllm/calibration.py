@@ -24,11 +24,14 @@ What is timed, and why it is representative:
 
 Per ladder point and mode: one warm-up call (first touch, transport buffers), then
 :data:`SAMPLES` samples interleaved between the modes, each of :func:`iterations`
-boundaries; per rank the fastest sample (a load spike only ever adds time), then the
-slowest rank (all-reduce MAX over the TP group's CPU group). Ladder, sample and iteration counts depend only on rank-invariant
+boundaries. The decision at a point is :func:`paired_ratio` (the upper quartile of the
+per-sample sharded/replicated ratios: sharded must win in three samples out of four,
+so a tie stays replicated), the slowest rank's (all-reduce MAX over the TP group's CPU
+group); the times kept for the log and the cache are each rank's fastest sample, then
+the slowest rank's. Ladder, sample and iteration counts depend only on rank-invariant
 values (the configuration), so every rank issues the same collectives; a time budget is
 checked on the all-reduced elapsed time, so every rank stops at the same point.
-:func:`pick_threshold` then gives the same value on every rank.
+:func:`pick_from_ratios` then gives the same value on every rank.
 
 Precedence: an explicit number > a tuning file's ``sp_threshold`` (``flashcomm tune``)
 > ``auto``. The result is cached under vLLM's cache root, keyed with vLLM's compile cache
@@ -61,15 +64,18 @@ logger = logging.getLogger("vllm.flashcomm")
 
 AUTO = "auto"
 CACHE_FORMAT = "flashcomm-sp-threshold"
-CACHE_VERSION = 2  # bumped whenever what is measured or how it is picked changes
+CACHE_VERSION = 3  # bumped whenever what is measured or how it is picked changes
 # Ladder: token counts from LADDER_START, x sqrt(2) per step, up to the scheduler's
 # max_num_batched_tokens (no batch is bigger), at most LADDER_CAP.
 LADDER_START = 16
 LADDER_CAP = 16384
-SAMPLES = 5  # per mode and ladder point, interleaved
+SAMPLES = 7  # per mode and ladder point, interleaved
 # Sharded must beat replicated by this fraction to count as faster (noise, and a switch
-# that does not pay is not worth a mode change).
-MARGIN = 0.05
+# that does not pay is not worth a mode change). At 0.05 the pick on a 2-core Xeon
+# moved between 1201 and never from one start to the next at hidden 1024, where the
+# boundary's modes are within 10 % above 256 tokens; at 0.10 it was the same in 12 of
+# 12 (benchmarks/calibration_stability.py).
+MARGIN = 0.10
 # Bytes of boundary input per sample: small boundaries are repeated up to this much
 # (timer resolution), at most MAX_ITERATIONS times.
 SAMPLE_BYTES = 4 << 20
@@ -116,16 +122,27 @@ def iterations(n: int, hidden: int, element_size: int) -> int:
 
 def pick_threshold(tokens: list[int], replicated_s: list[float], sharded_s: list[float],
                    max_tokens: int, margin: float = MARGIN) -> int:
-    """The sp_threshold for the timings of one boundary per mode at ``tokens``
-    (ascending): sharded runs for ``n > threshold``. Sharded counts as faster at ``n``
-    when ``sharded < (1 - margin) * replicated``. The crossover is the smallest ladder
-    point from which sharded is faster at every larger point measured; the threshold
-    is where the difference, interpolated linearly between that point and the one
-    before, crosses zero (``n0 - 1`` when sharded is faster from the first point on).
-    Sharded never faster at the last point: ``max_tokens`` (no batch is sharded)."""
+    """:func:`pick_from_ratios` for one representative time per mode and point: the
+    ratio at each point is ``sharded / replicated``."""
     if not (len(tokens) == len(replicated_s) == len(sharded_s)) or not tokens:
         raise ValueError("flashcomm: pick_threshold needs one timing per mode and point")
-    diff = [s - (1.0 - margin) * r for r, s in zip(replicated_s, sharded_s)]
+    return pick_from_ratios(tokens, [s / r for r, s in zip(replicated_s, sharded_s)],
+                            max_tokens, margin)
+
+
+def pick_from_ratios(tokens: list[int], ratios: list[float], max_tokens: int,
+                     margin: float = MARGIN) -> int:
+    """The sp_threshold for sharded/replicated time ratios of one boundary at ``tokens``
+    (ascending): sharded runs for ``n > threshold``. Sharded counts as faster at ``n``
+    when ``ratio < 1 - margin``; a tie (anything closer to parity) stays replicated. The
+    crossover is the smallest ladder point from which sharded is faster at every larger
+    point measured; the threshold is where ``ratio - (1 - margin)``, interpolated
+    linearly between that point and the one before, crosses zero (``n0 - 1`` when
+    sharded is faster from the first point on). Sharded not faster at the last point:
+    ``max_tokens`` (no batch is sharded)."""
+    if len(tokens) != len(ratios) or not tokens:
+        raise ValueError("flashcomm: pick_from_ratios needs one ratio per point")
+    diff = [q - (1.0 - margin) for q in ratios]
     k = len(tokens)
     while k > 0 and diff[k - 1] < 0:
         k -= 1
@@ -136,6 +153,18 @@ def pick_threshold(tokens: list[int], replicated_s: list[float], sharded_s: list
     n0, n1, d0, d1 = tokens[k - 1], tokens[k], diff[k - 1], diff[k]
     cross = n0 + (n1 - n0) * d0 / (d0 - d1)  # d0 >= 0 > d1
     return int(min(max(math.floor(cross), n0), n1 - 1))
+
+
+def paired_ratio(replicated_s: list[float], sharded_s: list[float]) -> float:
+    """The decision statistic of one point on one rank: the upper quartile of the
+    per-sample ratios ``sharded_i / replicated_i``. Samples are interleaved, so each
+    pair saw the same load; the upper quartile makes "sharded is faster" mean "faster
+    in at least three samples out of four", so a point at parity, where the ratios
+    scatter around 1 with the machine's noise, does not read as a win."""
+    if len(replicated_s) != len(sharded_s) or not replicated_s:
+        raise ValueError("flashcomm: paired_ratio needs paired samples")
+    r = sorted(s / max(rep, 1e-12) for rep, s in zip(replicated_s, sharded_s))
+    return r[min(len(r) - 1, math.ceil(0.75 * len(r)) - 1)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,12 +242,14 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class Measurement:
     """Timings of one boundary per mode (seconds, the slowest rank's fastest sample) at
-    ``tokens``, the points measured before the budget ran out."""
+    ``tokens``, the points measured before the budget ran out, and the decision
+    statistic at each (:func:`paired_ratio`, the largest over the ranks)."""
 
     tokens: list[int] = field(default_factory=list)
     replicated_s: list[float] = field(default_factory=list)
     sharded_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    ratios: list[float] = field(default_factory=list)
 
 
 def measure(boundary: Boundary, tokens: list[int], hidden: int, element_size: int,
@@ -245,13 +276,18 @@ def measure(boundary: Boundary, tokens: list[int], hidden: int, element_size: in
                     run()
                 _sync(device)
                 times[mode].append((time.perf_counter() - t0) / reps)
-        # The fastest sample: other work on the machine only ever adds time.
+        # Times: the fastest sample (other work on the machine only ever adds time).
+        # Decision: the paired ratio, the slowest rank's (all-reduce MAX), so a win must
+        # hold on every rank.
         local = torch.tensor([min(times["replicated"]), min(times["sharded"]),
-                              time.perf_counter() - t_start], dtype=torch.float64)
+                              time.perf_counter() - t_start,
+                              paired_ratio(times["replicated"], times["sharded"])],
+                             dtype=torch.float64)
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=cpu_group)
         out.tokens.append(n)
         out.replicated_s.append(float(local[0]))
         out.sharded_s.append(float(local[1]))
+        out.ratios.append(float(local[3]))
         if float(local[2]) > budget_s:
             break  # the same decision on every rank: the all-reduced elapsed time
     out.seconds = time.perf_counter() - t_start
@@ -292,7 +328,7 @@ def stable_config_hash(vllm_config: Any) -> str:
     if not isinstance(record, dict):
         return str(vllm_config.compute_hash())
     stable = {k: v for k, v in record.items()
-              if k not in ("sp_threshold", "sp_threshold_requested")}
+              if k not in ("sp_threshold", "sp_threshold_requested", "stand_aside")}
     section[settings.RECORD_KEY] = stable
     try:
         return str(vllm_config.compute_hash())
@@ -339,7 +375,7 @@ def write_cache(path: str, key: str, threshold: int, facts: dict[str, Any],
     doc = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
            "sp_threshold": int(threshold), "facts": facts, "created": time.time(),
            "tokens": m.tokens, "replicated_s": m.replicated_s, "sharded_s": m.sharded_s,
-           "seconds": round(m.seconds, 3)}
+           "paired_ratio": m.ratios, "seconds": round(m.seconds, 3)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json_atomic(path, doc, indent=1)
@@ -462,11 +498,12 @@ def calibrate(model: Any, vllm_config: Any, form: str) -> tuple[int, str]:
         return int(got[0]), "cached"
     m = measure(boundary, tokens, hidden, torch.empty((), dtype=dtype).element_size(),
                 device, cpu_group=tp.cpu_group)
-    threshold = pick_threshold(m.tokens, m.replicated_s, m.sharded_s, max_tokens)
+    threshold = pick_from_ratios(m.tokens, m.ratios, max_tokens)
     logger.debug("flashcomm: sp_threshold calibration (%s form): tokens %s, replicated "
-                 "%s us, sharded %s us -> %d", form, m.tokens,
+                 "%s us, sharded %s us, paired ratio %s -> %d", form, m.tokens,
                  [round(t * 1e6, 1) for t in m.replicated_s],
-                 [round(t * 1e6, 1) for t in m.sharded_s], threshold)
+                 [round(t * 1e6, 1) for t in m.sharded_s],
+                 [round(q, 3) for q in m.ratios], threshold)
     if tp.rank_in_group == 0:
         write_cache(path, key, threshold, facts, m)
     return threshold, f"measured in {m.seconds:.1f} s"
@@ -493,6 +530,36 @@ def apply_threshold(model: Any, vllm_config: Any, threshold: int, requested: str
     return effective
 
 
+def stand_aside_reason(form: str, threshold: int, max_tokens: int,
+                       vllm_all_reduce: str) -> Optional[str]:
+    """Why the converted layers should run vLLM's own forward, or None. Only when the
+    measured threshold shards no batch (``threshold >= max_tokens``), in the engine form
+    (the GEMMs are vLLM's either way, so flashcomm would change only the replicated
+    all-reduce and the add + RMSNorm), and vLLM's own all-reduce for the group is its
+    CPU shared-memory one: there flashcomm's replicated path is a custom-op call per
+    boundary that Inductor cannot fuse, measured 0.97-1.06x vLLM's decode step under
+    serving load (BENCHMARKS.md, "Serving load"): no gain to be had. Where vLLM all-reduces over gloo (its AVX2 build), flashcomm's shared-memory
+    transport is the gain, and the layers stay converted. Rank-invariant: the threshold
+    is agreed, the form and vLLM's communicator are the same build on every rank."""
+    if form != "engine" or threshold < max_tokens or vllm_all_reduce != "cpu-shm":
+        return None
+    return ("no batch is sharded and vLLM's own shared-memory all-reduce serves the "
+            "replicated path: the converted layers run vLLM's own forward")
+
+
+def stand_aside(model: Any, vllm_config: Any) -> int:
+    """Marks every converted module of ``model`` to run vLLM's own forward and records
+    it (vLLM's compile cache key: the traced graph differs). Returns how many."""
+    from . import layers
+    modules = _converted_modules(model)
+    for m in modules:
+        m._fc_state = dataclasses.replace(m._fc_state, stand_aside=True)
+    record = settings.conversion_record(vllm_config.additional_config)
+    record["stand_aside"] = True
+    layers.record_conversion(vllm_config, record)
+    return len(modules)
+
+
 def after_load(model: Any) -> Optional[tuple[int, str]]:
     """The plugin's hook after vLLM's loader returns ``model`` (weights loaded, before
     any forward): for a model :func:`defer` marked, measures or reads the threshold,
@@ -504,6 +571,13 @@ def after_load(model: Any) -> Optional[tuple[int, str]]:
     with torch.inference_mode():
         threshold, how = calibrate(model, p.vllm_config, p.form)
     effective = apply_threshold(model, p.vllm_config, threshold, AUTO)
+    from .standalone import vllm_tp_transport
+    max_tokens = int(_compat.attribute(_compat.attribute(p.vllm_config, "scheduler_config"),
+                                       "max_num_batched_tokens"))
+    reason = stand_aside_reason(p.form, effective, max_tokens, vllm_tp_transport())
+    if reason is not None:
+        stand_aside(model, p.vllm_config)
+        how = f"{how}; {reason}"
     logger.debug("flashcomm: sp_threshold auto -> %d (%s; %.2f s)", effective, how,
                  time.perf_counter() - t0)
     return effective, how

@@ -65,6 +65,10 @@ class FcState:
     w8a8: bool = False
     gather: bool = False  # norms: make every row valid (final norm; every norm in engine form)
     engine_gemm: bool = False  # linears: vLLM's kernel computes, flashcomm communicates
+    # vLLM's own forward (sp_threshold=auto found no batch worth sharding and vLLM's own
+    # replicated path is at least as fast: calibration.stand_aside). Constant under
+    # dynamo like the rest, so the traced graph is vLLM's own.
+    stand_aside: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ class FlashcommRowParallelLinear(RowParallelLinear):
 
     def forward(self, input_):
         st = self._fc_state
-        if st is None:
+        if st is None or st.stand_aside:
             return super().forward(input_)
         if self.input_is_parallel:
             x = input_
@@ -288,7 +292,7 @@ class FlashcommRMSNorm(RMSNorm):
 
     def forward(self, x, residual=None):
         st = self._fc_state
-        if st is None:
+        if st is None or st.stand_aside:
             return super().forward(x, residual)
         if residual is None:  # the first norm: the caller keeps x as the residual
             normed, _ = torch.ops.flashcomm.sp_add_rms_norm(

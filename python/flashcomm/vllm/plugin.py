@@ -476,11 +476,12 @@ def _start_stats_writer(path: str, converted: int, spt: int, record: dict[str, A
 def worker_stats(worker=None) -> dict:
     """For ``LLM.collective_rpc(worker_stats)``: this worker's flashcomm counters, how
     many modules flashcomm converted, the transport of the TP group ("shm" / "c10d"),
-    torch.compile's counters (to check that no recompilation happened) and the compile
-    backend vLLM used."""
+    torch.compile's counters (to check that no recompilation happened), the compile
+    backend vLLM used and what vLLM's own TP group all-reduces with ("cpu-shm", ...)."""
     import flashcomm
     out = {"pid": os.getpid(), "stats": flashcomm.stats(), "converted": 0,
-           "all_reduce_provider": "", "transport": "", "compile_backend": None}
+           "all_reduce_provider": "", "transport": "", "compile_backend": None,
+           "vllm_tp_transport": ""}
     try:
         from torch._dynamo.utils import counters
         out["dynamo"] = {k: dict(v) for k, v in counters.items()
@@ -506,6 +507,8 @@ def worker_stats(worker=None) -> dict:
         out["rank"] = tp.rank_in_group
         out["all_reduce_provider"] = flashcomm.all_reduce_provider(tp.device_group.group_name)
         out["transport"] = flashcomm.transport(tp.device_group.group_name)
+        from .standalone import vllm_tp_transport
+        out["vllm_tp_transport"] = vllm_tp_transport()
     except Exception:
         out["rank"] = None
     return out

@@ -73,8 +73,8 @@ SAMPLES = 7  # per mode and ladder point, interleaved
 # Sharded must beat replicated by this fraction to count as faster (noise, and a switch
 # that does not pay is not worth a mode change). At 0.05 the pick on a 2-core Xeon
 # moved between 1201 and never from one start to the next at hidden 1024, where the
-# boundary's modes are within 10 % above 256 tokens; at 0.10 it was the same in 12 of
-# 12 (benchmarks/calibration_stability.py).
+# boundary's modes are within 10 % above 256 tokens; at 0.10 it was "never" in 11 of 12
+# (benchmarks/calibration_stability.py, results/calibration_stability_cpu2.txt).
 MARGIN = 0.10
 # Bytes of boundary input per sample: small boundaries are repeated up to this much
 # (timer resolution), at most MAX_ITERATIONS times.
